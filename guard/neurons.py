@@ -1,0 +1,263 @@
+"""MLP discovery and per-neuron CETT capture: the one measurement both halves share.
+
+For an MLP whose output is ``h_t = W_down z_t (+ bias)``, neuron ``j`` of that layer
+contributes ``z_{t,j} W_down[:, j]``; its CETT on token ``t`` is
+
+    CETT_{l,j,t} = |z_{t,j}| * ||W_down[:, j]||_2 / ||h_t||_2
+
+``z_t`` is the input of the down projection and ``h_t`` its output, so one forward hook
+per layer reads both. Offline (``probes/``) captures every neuron; the runtime captures
+only the neurons a probe uses. Both call the same code, so there is no train/serve skew.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from guard.errors import CaptureError, UnsupportedArchitectureError
+
+# Down projections by architecture. The layer index is the first group.
+#   Llama, Mistral, Qwen2/3, Gemma 1/2/3, SmolLM2: model.layers.N.mlp.down_proj
+#   GPT-2: transformer.h.N.mlp.c_proj (a Conv1D: weight is [in, out])
+#   GPT-NeoX: gpt_neox.layers.N.mlp.dense_4h_to_h
+#   OPT: model.decoder.layers.N.fc2
+_DOWN_PROJ_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("mlp.down_proj", re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.down_proj$")),
+    ("mlp.c_proj", re.compile(r"(?:^|\.)h\.(\d+)\.mlp\.c_proj$")),
+    ("mlp.dense_4h_to_h", re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.dense_4h_to_h$")),
+    ("fc2", re.compile(r"(?:^|\.)decoder\.layers\.(\d+)\.fc2$")),
+)
+
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class MLPLayer:
+    """One MLP's down projection: where it is and how its weight is laid out."""
+
+    index: int
+    name: str
+    module: nn.Module
+    transposed: bool  # True for GPT-2's Conv1D, whose weight is [in, out]
+
+    @property
+    def width(self) -> int:
+        """Number of neurons (the down projection's input size)."""
+        weight = self.weight_matrix()
+        return int(weight.shape[1])
+
+    def weight_matrix(self) -> torch.Tensor:
+        """``W_down`` as ``[hidden, neurons]`` whatever the module's layout."""
+        weight = self.module.weight
+        if not isinstance(weight, torch.Tensor):
+            raise UnsupportedArchitectureError(f"{self.name} has no weight tensor")
+        return weight.T if self.transposed else weight
+
+    def column_norms(self) -> torch.Tensor:
+        """``||W_down[:, j]||_2`` for every neuron ``j``: ``[neurons]``, float32."""
+        with torch.no_grad():
+            return self.weight_matrix().float().norm(dim=0)
+
+
+def find_mlp_layers(model: nn.Module) -> list[MLPLayer]:
+    """Every MLP down projection of ``model``, ordered by layer index.
+
+    Raises UnsupportedArchitectureError naming the searched module paths when the
+    model keeps its MLPs somewhere else.
+    """
+    for suffix, pattern in _DOWN_PROJ_PATTERNS:
+        found: list[MLPLayer] = []
+        for name, module in model.named_modules():
+            match = pattern.search(name)
+            if match is None:
+                continue
+            transposed = type(module).__name__ == "Conv1D"
+            if not transposed and not isinstance(module, nn.Linear):
+                raise UnsupportedArchitectureError(
+                    f"{name} is a {type(module).__name__}, expected nn.Linear or Conv1D"
+                )
+            found.append(MLPLayer(int(match.group(1)), name, module, transposed))
+        if found:
+            found.sort(key=lambda layer: layer.index)
+            indices = [layer.index for layer in found]
+            if indices != list(range(len(found))):
+                raise UnsupportedArchitectureError(
+                    f"MLP layers matched by '*.{suffix}' are not numbered 0..N-1: {indices}"
+                )
+            return found
+    searched = ", ".join(f"'*.{suffix}'" for suffix, _ in _DOWN_PROJ_PATTERNS)
+    raise UnsupportedArchitectureError(
+        f"no MLP down projection found in {type(model).__name__}: searched module names "
+        f"ending in {searched} (Llama/Mistral/Qwen/Gemma, GPT-2, GPT-NeoX, OPT layouts)"
+    )
+
+
+NeuronSelection = Mapping[int, Sequence[int]]
+
+
+@dataclass
+class _LayerBuffer:
+    """Per-capture storage for one layer: a chunk per forward pass, ``[batch, tokens, k]``."""
+
+    neurons: torch.Tensor | None  # selected neuron indices, None = all
+    scale: torch.Tensor  # column norms of the selected neurons
+    chunks: list[torch.Tensor] = field(default_factory=list)
+
+
+# One capture per model at a time: hooks on a module fire for every forward pass through
+# it, so two overlapping captures (two threads) would record each other's tokens.
+_ACTIVE: dict[int, int] = {}
+_ACTIVE_LOCK = threading.Lock()
+
+
+class NeuronCapture:
+    """Record CETT of chosen MLP neurons during forward passes; hooks live only inside ``with``.
+
+        with NeuronCapture(model, neurons={3: [17, 99]}) as capture:
+            model(input_ids)
+        cett = capture.cett(3)  # [batch, tokens, 2]
+
+    ``neurons=None`` records every neuron of every layer; a mapping records only the given
+    neurons of the given layers (the runtime's case). Each forward pass appends a chunk, so
+    a generation with a KV cache yields ``[batch, prompt + steps, k]`` after concatenation,
+    aligned with the input ids. Buffers belong to this capture object only; hooks are
+    removed on exit even when the body raises, and exiting twice is harmless.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        neurons: NeuronSelection | None = None,
+        *,
+        layers: Sequence[MLPLayer] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self._model = model
+        self._dtype = dtype
+        all_layers = list(layers) if layers is not None else find_mlp_layers(model)
+        by_index = {layer.index: layer for layer in all_layers}
+        wanted = sorted(by_index) if neurons is None else sorted(neurons)
+        # Resolve and validate everything before registering a single hook.
+        self._layers: dict[int, MLPLayer] = {}
+        self._buffers: dict[int, _LayerBuffer] = {}
+        for index in wanted:
+            if index not in by_index:
+                raise CaptureError(
+                    f"layer {index} does not exist: the model has MLP layers 0..{len(by_index) - 1}"
+                )
+            layer = by_index[index]
+            norms = layer.column_norms()
+            selected: torch.Tensor | None = None
+            if neurons is not None:
+                selected = torch.as_tensor(list(neurons[index]), dtype=torch.long)
+                if selected.numel() == 0:
+                    raise CaptureError(f"layer {index}: empty neuron list")
+                if int(selected.min()) < 0 or int(selected.max()) >= norms.numel():
+                    raise CaptureError(
+                        f"layer {index}: neuron indices must lie in 0..{norms.numel() - 1}"
+                    )
+                selected = selected.to(norms.device)
+                norms = norms[selected]
+            self._layers[index] = layer
+            self._buffers[index] = _LayerBuffer(selected, norms.to(dtype))
+        self._handles: list[RemovableHandle] = []
+
+    @property
+    def layer_indices(self) -> list[int]:
+        """The captured layers, ascending."""
+        return list(self._buffers)
+
+    def __enter__(self) -> NeuronCapture:
+        key = id(self._model)
+        with _ACTIVE_LOCK:
+            if key in _ACTIVE:
+                raise CaptureError(
+                    "another NeuronCapture is active on this model: forward passes through "
+                    "one model must be serialised (batch requests instead of overlapping them)"
+                )
+            _ACTIVE[key] = id(self)
+        try:
+            for index, layer in self._layers.items():
+                hook = self._make_hook(self._buffers[index])
+                self._handles.append(layer.module.register_forward_hook(hook))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()  # reverse order of registration
+        with _ACTIVE_LOCK:
+            if _ACTIVE.get(id(self._model)) == id(self):
+                del _ACTIVE[id(self._model)]
+
+    def _make_hook(self, buffer: _LayerBuffer):  # type: ignore[no-untyped-def]
+        dtype = self._dtype
+
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            buffer.chunks.append(
+                compute_cett(inputs[0], output, buffer.scale, buffer.neurons, dtype)
+            )
+
+        return hook
+
+    def cett(self, layer: int) -> torch.Tensor:
+        """CETT of ``layer`` over all recorded passes: ``[batch, tokens, k]``."""
+        buffer = self._buffers.get(layer)
+        if buffer is None:
+            raise CaptureError(f"layer {layer} was not captured; captured: {self.layer_indices}")
+        if not buffer.chunks:
+            raise CaptureError("no forward pass was recorded inside the capture")
+        if len(buffer.chunks) > 1:
+            buffer.chunks[:] = [torch.cat(buffer.chunks, dim=1)]
+        return buffer.chunks[0]
+
+    def items(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(layer, cett)`` for every captured layer, ascending."""
+        for index in self._buffers:
+            yield index, self.cett(index)
+
+    def pop_chunks(self) -> dict[int, torch.Tensor]:
+        """Take and clear the newest chunk of every layer (one decoding step's CETT)."""
+        out: dict[int, torch.Tensor] = {}
+        for index, buffer in self._buffers.items():
+            if not buffer.chunks:
+                raise CaptureError("no forward pass was recorded since the last pop")
+            out[index] = buffer.chunks.pop()
+            buffer.chunks.clear()
+        return out
+
+
+def compute_cett(
+    z: torch.Tensor,
+    h: torch.Tensor,
+    column_norms: torch.Tensor,
+    neurons: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """CETT from the down projection's input ``z`` ``[..., I]`` and output ``h`` ``[..., D]``.
+
+    ``column_norms`` holds ``||W_down[:, j]||`` of the neurons kept (all, or ``neurons``).
+    Returns ``[..., k]`` in ``dtype``, detached.
+    """
+    with torch.no_grad():
+        z_sel = z if neurons is None else z.index_select(-1, neurons)
+        h_norm = h.to(dtype).norm(dim=-1, keepdim=True).clamp_min(_EPS)
+        return (z_sel.to(dtype).abs() * column_norms) / h_norm
