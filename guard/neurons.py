@@ -169,6 +169,7 @@ class NeuronCapture:
             self._layers[index] = layer
             self._buffers[index] = _LayerBuffer(selected, norms.to(dtype))
         self._handles: list[RemovableHandle] = []
+        self._batch_shape: tuple[int, int] | None = None
 
     @property
     def layer_indices(self) -> list[int]:
@@ -185,6 +186,11 @@ class NeuronCapture:
                 )
             _ACTIVE[key] = id(self)
         try:
+            # OPT flattens tokens to [batch * tokens, ...] inside its MLP: remember the
+            # batch shape of each pass to restore it.
+            self._handles.append(
+                self._model.register_forward_pre_hook(self._record_shape, with_kwargs=True)
+            )
             for index, layer in self._layers.items():
                 hook = self._make_hook(self._buffers[index])
                 self._handles.append(layer.module.register_forward_hook(hook))
@@ -208,13 +214,24 @@ class NeuronCapture:
             if _ACTIVE.get(id(self._model)) == id(self):
                 del _ACTIVE[id(self._model)]
 
+    def _record_shape(
+        self, module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if isinstance(ids, torch.Tensor):
+            self._batch_shape = (int(ids.shape[0]), int(ids.shape[1]))
+
     def _make_hook(self, buffer: _LayerBuffer):  # type: ignore[no-untyped-def]
         dtype = self._dtype
 
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            buffer.chunks.append(
-                compute_cett(inputs[0], output, buffer.scale, buffer.neurons, dtype)
-            )
+            z, h = inputs[0], output
+            if z.dim() == 2 and self._batch_shape is not None:
+                z = z.reshape(*self._batch_shape, z.shape[-1])
+                h = h.reshape(*self._batch_shape, h.shape[-1])
+            buffer.chunks.append(compute_cett(z, h, buffer.scale, buffer.neurons, dtype))
 
         return hook
 

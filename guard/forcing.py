@@ -1,0 +1,93 @@
+"""Teacher-forced passes: per-token CETT and logit statistics of given responses.
+
+Offline extraction, evaluation and the runtime's ``score`` all read a response the same
+way: one batched, left-padded forward pass over prompt + response, CETT read where each
+response token is the *input*, log-prob and entropy from the raw logits at the position
+that *predicted* it (ARCHITECTURE.md, "position").
+
+    traces = teacher_force(model, prompts, responses, pad_id=tokenizer.pad_token_id)
+    traces[0].cett[17]  # [response_len, k]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from guard.model import left_pad
+from guard.neurons import MLPLayer, NeuronCapture, NeuronSelection
+from guard.scoring import logit_statistics
+
+
+@dataclass(frozen=True)
+class TokenTrace:
+    """One response's per-token measurements (on the CPU).
+
+    ``cett``: ``{layer: [response_len, k]}`` float32; ``logprobs``, ``entropies``:
+    ``[response_len]`` float32.
+    """
+
+    cett: dict[int, torch.Tensor]
+    logprobs: torch.Tensor
+    entropies: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return int(self.logprobs.numel())
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as ``generate`` computes them: ``[batch, seq]``."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+def teacher_force(
+    model: nn.Module,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    neurons: NeuronSelection | None = None,
+    *,
+    layers: list[MLPLayer] | None = None,
+) -> list[TokenTrace]:
+    """Measure each ``responses[i]`` as the continuation of ``prompts[i]`` in one pass.
+
+    ``neurons=None`` captures every neuron of every layer (offline extraction); a
+    selection captures only those (runtime scoring). Responses may be empty.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if any(not prompt for prompt in prompts):
+        raise ValueError("every prompt needs at least one token")
+    sequences = [p + r for p, r in zip(prompts, responses, strict=True)]
+    input_ids, attention_mask = left_pad(sequences, pad_id)
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    with torch.inference_mode(), NeuronCapture(model, neurons, layers=layers) as capture:
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_for(attention_mask),
+            use_cache=False,
+        ).logits
+        cett = dict(capture.items())
+    width = input_ids.shape[1]
+    traces = []
+    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        start = width - len(response)  # first response position (left padding)
+        stop = width
+        if response:
+            lp, ent = logit_statistics(logits[row, start - 1 : stop - 1], input_ids[row, start:stop])
+        else:
+            lp = ent = torch.zeros(0)
+        traces.append(
+            TokenTrace(
+                cett={layer: values[row, start:stop].cpu() for layer, values in cett.items()},
+                logprobs=lp.cpu(),
+                entropies=ent.cpu(),
+            )
+        )
+    return traces
