@@ -76,11 +76,12 @@ def teacher_force(
         cett = dict(capture.items())
     width = input_ids.shape[1]
     traces = []
-    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+    for row, response in enumerate(responses):
         start = width - len(response)  # first response position (left padding)
         stop = width
         if response:
-            lp, ent = logit_statistics(logits[row, start - 1 : stop - 1], input_ids[row, start:stop])
+            predicting = logits[row, start - 1 : stop - 1]
+            lp, ent = logit_statistics(predicting, input_ids[row, start:stop])
         else:
             lp = ent = torch.zeros(0)
         traces.append(
