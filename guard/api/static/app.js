@@ -1,0 +1,261 @@
+// Hallucination guard playground: streams /v1/chat/completions and shades each token by
+// the risk in the chunk's `guard` object. Plain browser JavaScript, no dependencies.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  controller: null,   // AbortController of the running request
+  content: "",        // answer text from choices[0].delta.content
+  tokens: [],         // scored tokens [{text, risk}] from guard.tokens
+  thresholds: null,
+};
+
+// Risk 0 -> green, 0.5 -> amber, 1 -> red (one direction everywhere: higher = riskier).
+function riskColor(risk) {
+  const r = Math.min(1, Math.max(0, Number(risk) || 0));
+  return `hsl(${Math.round(120 * (1 - r))}, 80%, ${Math.round(88 - 18 * r)}%)`;
+}
+
+function fmt(x) {
+  return typeof x === "number" && isFinite(x) ? x.toFixed(2) : "–";
+}
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h.Authorization = `Bearer ${key}`;
+  return h;
+}
+
+async function errorMessage(response) {
+  try {
+    const body = await response.json();
+    if (body && body.error && body.error.message) return body.error.message;
+    return JSON.stringify(body);
+  } catch (_) {
+    return response.statusText || `HTTP ${response.status}`;
+  }
+}
+
+async function loadModels() {
+  const select = $("model");
+  try {
+    const response = await fetch("/v1/models", { headers: headers() });
+    if (!response.ok) {
+      setStatus(`Could not list models: ${await errorMessage(response)}`, response.status !== 401);
+      if (response.status === 401) setStatus("This server needs an API key: enter it, then ask.");
+      return;
+    }
+    const body = await response.json();
+    select.replaceChildren();
+    for (const model of body.data || []) {
+      const option = document.createElement("option");
+      option.value = option.textContent = model.id;
+      select.append(option);
+    }
+  } catch (err) {
+    setStatus(`Could not list models: ${err.message}`, true);
+  }
+}
+
+// Scored tokens are shaded; text streamed but not scored yet is shown plain after them.
+function renderAnswer() {
+  const answer = $("answer");
+  const parts = [];
+  let scored = "";
+  state.tokens.forEach((token, i) => {
+    const span = document.createElement("span");
+    span.className = "tok";
+    span.textContent = token.text;
+    span.style.backgroundColor = riskColor(token.risk);
+    span.title = `token ${i + 1}: risk ${fmt(token.risk)}`;
+    span.dataset.risk = String(token.risk);
+    parts.push(span);
+    scored += token.text;
+  });
+  if (state.content.startsWith(scored) && state.content.length > scored.length) {
+    const pending = document.createElement("span");
+    pending.className = "pending";
+    pending.textContent = state.content.slice(scored.length);
+    parts.push(pending);
+  }
+  answer.replaceChildren(...parts);
+  answer.dataset.state = parts.length ? "streaming" : "empty";
+}
+
+function renderRisk(risk) {
+  $("risk").textContent = fmt(risk);
+  const bar = $("risk-bar");
+  bar.style.width = `${Math.round(100 * Math.min(1, Math.max(0, risk || 0)))}%`;
+  bar.style.backgroundColor = riskColor(risk);
+}
+
+function renderThresholds(thresholds) {
+  if (!thresholds) return;
+  state.thresholds = thresholds;
+  const parts = [];
+  if (typeof thresholds.flag === "number") {
+    parts.push(`flag ≥ ${fmt(thresholds.flag)}`);
+    $("flag-mark").style.left = `${100 * thresholds.flag}%`;
+  }
+  if (typeof thresholds.abstain === "number") {
+    parts.push(`abstain ≥ ${fmt(thresholds.abstain)}`);
+    $("abstain-mark").style.left = `${100 * thresholds.abstain}%`;
+  }
+  $("thresholds").textContent = parts.join(", ") || "–";
+}
+
+function renderLayers(layers) {
+  const box = $("layers");
+  const entries = Object.entries(layers || {})
+    .map(([layer, share]) => [Number(layer), Number(share)])
+    .filter(([layer, share]) => isFinite(layer) && isFinite(share))
+    .sort((a, b) => a[0] - b[0]);
+  const biggest = Math.max(1e-9, ...entries.map(([, share]) => Math.abs(share)));
+  const bars = entries.map(([layer, share]) => {
+    const column = document.createElement("div");
+    column.className = "bar";
+    column.title = `layer ${layer}: ${(100 * share).toFixed(1)}% of the answer logit`;
+    column.dataset.layer = String(layer);
+    const fill = document.createElement("span");
+    fill.className = share >= 0 ? "fill up" : "fill down";
+    fill.style.height = `${Math.max(2, Math.round(100 * Math.abs(share) / biggest))}%`;
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = String(layer);
+    column.append(fill, label);
+    return column;
+  });
+  box.replaceChildren(...bars);
+  if (!bars.length) box.textContent = "no layer shares in this response";
+}
+
+function renderVerdict(guard, finishReason) {
+  const verdict = $("verdict");
+  const decision = guard.decision || "none";
+  verdict.dataset.decision = decision;
+  $("decision").textContent = guard.aborted ? `${decision} (stopped mid-answer)` : decision;
+  renderRisk(guard.risk);
+  renderThresholds(guard.thresholds);
+  if (guard.probe) $("probe").textContent = `${guard.probe.name} · ${String(guard.probe.sha256 || "").slice(0, 12)}`;
+  renderLayers(guard.layers);
+  const answer = $("answer");
+  answer.dataset.state = "done";
+  let note = "";
+  if (guard.guarded === false) note = "The server runs unguarded: no risk was computed.";
+  else if (decision === "abstain" && guard.aborted) {
+    note = `Generation was stopped: the running risk crossed the abort threshold (finish_reason ${finishReason || "content_filter"}).`;
+  } else if (decision === "abstain") {
+    note = "The final risk crossed the abstain threshold: a client must withdraw this answer.";
+    answer.classList.add("withdrawn");
+  } else if (decision === "flag") note = "Answer returned, flagged as risky.";
+  else if (decision === "pass") note = "Answer passed the guard.";
+  $("note").textContent = note;
+}
+
+function handleChunk(chunk) {
+  if (chunk.error) throw new Error(chunk.error.message || JSON.stringify(chunk.error));
+  const choice = (chunk.choices || [])[0] || {};
+  const delta = choice.delta || {};
+  if (typeof delta.content === "string") state.content += delta.content;
+  const guard = chunk.guard;
+  if (guard) {
+    for (const token of guard.tokens || []) state.tokens.push(token);
+    if (typeof guard.risk === "number") renderRisk(guard.risk);
+    if (guard.thresholds) renderThresholds(guard.thresholds);
+  }
+  renderAnswer();
+  if (guard && guard.decision) renderVerdict(guard, choice.finish_reason);
+}
+
+// Server-sent events: blocks separated by a blank line, payload in `data:` lines.
+async function readEvents(response, onData) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true }).replace(/\r\n/g, "\n");
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      const data = block.split("\n").filter((l) => l.startsWith("data:"))
+        .map((l) => l.slice(5).trimStart()).join("\n");
+      if (!data) continue;
+      if (data === "[DONE]") return;
+      onData(JSON.parse(data));
+    }
+  }
+}
+
+function reset() {
+  state.content = "";
+  state.tokens = [];
+  $("answer").classList.remove("withdrawn");
+  $("answer").replaceChildren();
+  $("answer").dataset.state = "empty";
+  $("note").textContent = "";
+  $("verdict").dataset.decision = "none";
+  $("decision").textContent = "answering…";
+  $("layers").replaceChildren();
+  renderRisk(0);
+  $("risk").textContent = "–";
+}
+
+async function ask(event) {
+  event.preventDefault();
+  const question = $("question").value.trim();
+  if (!question) return;
+  if (!$("model").value) await loadModels();
+  reset();
+  setStatus("Streaming…");
+  $("send").disabled = true;
+  $("stop").disabled = false;
+  state.controller = new AbortController();
+  const body = {
+    model: $("model").value || undefined,
+    messages: [{ role: "user", content: question }],
+    max_tokens: Number($("max-tokens").value) || undefined,
+    stream: true,
+  };
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers(), body: JSON.stringify(body),
+      signal: state.controller.signal,
+    });
+    if (!response.ok) throw new Error(await errorMessage(response));
+    await readEvents(response, handleChunk);
+    setStatus($("verdict").dataset.decision === "none" ? "Stream ended without a verdict." : "Done.");
+  } catch (err) {
+    if (err.name === "AbortError") setStatus("Stopped.");
+    else setStatus(`Error: ${err.message}`, true);
+    if ($("verdict").dataset.decision === "none") $("decision").textContent = "no verdict";
+  } finally {
+    $("send").disabled = false;
+    $("stop").disabled = true;
+    state.controller = null;
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("ask").addEventListener("submit", ask);
+  $("stop").addEventListener("click", () => state.controller && state.controller.abort());
+  $("question").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("ask").requestSubmit();
+  });
+  const saved = sessionStorage.getItem("hguard-api-key");
+  if (saved) $("api-key").value = saved;
+  $("api-key").addEventListener("change", () => {
+    sessionStorage.setItem("hguard-api-key", $("api-key").value.trim());
+    loadModels();
+  });
+  loadModels();
+});
