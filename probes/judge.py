@@ -1,0 +1,159 @@
+"""Rule-based correctness of a free-text answer, and where the answer sits in it.
+
+TriviaQA's normalisation (lower-case, punctuation to spaces, articles a/an/the removed,
+whitespace collapsed) applied to both the response and each gold alias; an answer is
+correct when a normalised alias occurs in the normalised response *on word boundaries*
+("us" does not match inside "russia"). Unicode: compatibility forms are folded (NFKD),
+accents dropped ("Pelé" matches "Pele"), every Unicode punctuation or symbol counts as
+punctuation, and a comma between digits is a thousands separator ("1,000" = "1000").
+
+Normalisation keeps, for every normalised word, where it came from in the raw text, so
+the judge can say which raw characters (and, with the tokenizer, which response tokens)
+hold the matched answer.
+
+    j = judge("It is the Eiffel Tower.", ["Eiffel Tower"])
+    j.correct, j.alias, j.char_span  # True, "eiffel tower", (10, 22)
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+ARTICLES = frozenset({"a", "an", "the"})
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """Verdict on one response: the matched normalised alias and its raw character span."""
+
+    correct: bool
+    alias: str | None = None
+    char_span: tuple[int, int] | None = None  # [start, end) in the raw response text
+
+
+@dataclass(frozen=True)
+class _Word:
+    text: str
+    start: int  # raw index of the word's first character
+    end: int  # raw index just past its last character
+
+
+def _fold(ch: str) -> str:
+    """One raw character as normalised characters: lower-cased, unaccented, punctuation -> ' '."""
+    out = []
+    for part in unicodedata.normalize("NFKD", ch.lower()):
+        category = unicodedata.category(part)
+        if category in ("Mn", "Cf"):  # combining accents, zero-width and format marks
+            continue
+        out.append(" " if category[0] in "PSZC" else part)
+    return "".join(out)
+
+
+def _is_thousands_comma(text: str, index: int) -> bool:
+    return (
+        text[index] == ","
+        and 0 < index < len(text) - 1
+        and text[index - 1].isdigit()
+        and text[index + 1].isdigit()
+    )
+
+
+def _words(text: str) -> list[_Word]:
+    """Normalised words of ``text`` (articles dropped) with their raw character spans."""
+    words: list[_Word] = []
+    chars: list[str] = []
+    start = last = 0
+    for index, ch in enumerate(text):
+        for part in "" if _is_thousands_comma(text, index) else _fold(ch):
+            if part != " ":
+                if not chars:
+                    start = index
+                chars.append(part)
+                last = index
+            elif chars:
+                words.append(_Word("".join(chars), start, last + 1))
+                chars = []
+    if chars:
+        words.append(_Word("".join(chars), start, last + 1))
+    return [word for word in words if word.text not in ARTICLES]
+
+
+def normalize_answer(text: str) -> str:
+    """TriviaQA normalisation (see module docstring): ``"The U.S.A.!"`` -> ``"u s"``."""
+    return " ".join(word.text for word in _words(text))
+
+
+def judge(response: str, aliases: list[str]) -> Judgement:
+    """Is a gold alias in the response (normalised, on word boundaries)? Longest alias wins.
+
+    Aliases that normalise to nothing are ignored; no usable alias or an empty response
+    is incorrect. Among equally long aliases the earliest match in the response wins.
+    """
+    words = _words(response)
+    texts = [word.text for word in words]
+    best: tuple[int, int, int, str] | None = None  # (-length, position, n_words, alias)
+    for alias in {normalize_answer(a) for a in aliases}:
+        needle = alias.split()
+        if not needle:
+            continue
+        position = _find(texts, needle)
+        if position is None:
+            continue
+        candidate = (-len(alias), position, len(needle), alias)
+        if best is None or candidate < best:
+            best = candidate
+    if best is None:
+        return Judgement(correct=False)
+    _, position, size, alias = best
+    return Judgement(True, alias, (words[position].start, words[position + size - 1].end))
+
+
+def _find(haystack: list[str], needle: list[str]) -> int | None:
+    """First index where ``needle`` occurs in ``haystack`` as a whole-word run."""
+    size = len(needle)
+    for index in range(len(haystack) - size + 1):
+        if haystack[index : index + size] == needle:
+            return index
+    return None
+
+
+def token_char_spans(
+    tokenizer: PreTrainedTokenizerBase, response_ids: list[int]
+) -> list[tuple[int, int]]:
+    """``[start, end)`` of each response token in ``decode(response_ids)`` (incremental decoding).
+
+    A token that ends inside a multi-byte character (decoded as U+FFFD until the
+    character completes) shares the span of the token that completes it.
+    """
+    spans: list[tuple[int, int]] = []
+    stable_end = 0
+    pending = 0
+    for count in range(1, len(response_ids) + 1):
+        prefix = str(tokenizer.decode(response_ids[:count], skip_special_tokens=True))
+        pending += 1
+        if prefix.endswith("\ufffd") and count < len(response_ids):
+            continue
+        end = max(len(prefix), stable_end)
+        spans.extend([(stable_end, end)] * pending)
+        stable_end, pending = end, 0
+    return spans
+
+
+def answer_token_span(
+    tokenizer: PreTrainedTokenizerBase, response_ids: list[int], char_span: tuple[int, int] | None
+) -> tuple[int, int] | None:
+    """Half-open range of the response tokens overlapping ``char_span`` (None if none)."""
+    if char_span is None:
+        return None
+    start, end = char_span
+    hits = [
+        index
+        for index, (s, e) in enumerate(token_char_spans(tokenizer, response_ids))
+        if s < end and e > start
+    ]
+    return (hits[0], hits[-1] + 1) if hits else None
