@@ -1,0 +1,197 @@
+"""create_app(settings): the FastAPI application, its services, middleware and lifespan.
+
+Nothing is built at import time. The lifespan loads model and probe (unless an already
+loaded `GuardedModel` is given, as tests and `run_server` do), starts the batching worker,
+and stops it on shutdown; ``/readyz`` says ready only in between.
+
+    app = create_app(GuardSettings(probe="default"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from guard import __version__
+from guard.api import routes
+from guard.api.deps import Services
+from guard.api.errors import install_error_handlers, shutting_down
+from guard.audit import AuditLog
+from guard.batching import MicroBatcher
+from guard.errors import ProbeError
+from guard.generation import GuardedModel
+from guard.metrics import GuardMetrics
+from guard.model import DEFAULT_MODEL_SPEC, load_model
+from guard.probe import Probe, load_probe
+from guard.settings import GuardSettings, get_settings
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("guard.access")
+
+KNOWN_ROUTES = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/guard/score", "/healthz",
+     "/readyz", "/metrics", "/ui"}
+)  # fmt: skip
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def load_guarded(settings: GuardSettings) -> GuardedModel:
+    """Model and verified probe from settings; unguarded only when explicitly allowed."""
+    probe: Probe | None = None
+    try:
+        probe = load_probe(settings.probe, expected_sha256=settings.probe_sha256)
+    except ProbeError as exc:
+        _refuse_or_warn(settings, exc)
+    spec = settings.model
+    if spec is None:
+        training = probe.manifest.training if probe is not None else {}
+        spec = str(training.get("model_spec", DEFAULT_MODEL_SPEC))
+    loaded = load_model(spec)
+    try:
+        return GuardedModel(loaded, probe, overrides=settings)
+    except ProbeError as exc:
+        _refuse_or_warn(settings, exc)
+        return GuardedModel(loaded, None)
+
+
+def _refuse_or_warn(settings: GuardSettings, exc: ProbeError) -> None:
+    if not settings.allow_unguarded:
+        raise type(exc)(
+            f"{exc} -- refusing to serve without a valid probe: fix GUARD_PROBE "
+            "(or --probe), or set GUARD_ALLOW_UNGUARDED=true to serve unguarded"
+        ) from exc
+    log.warning("serving UNGUARDED (GUARD_ALLOW_UNGUARDED): %s", exc)
+
+
+def start_services(services: Services, guarded: GuardedModel) -> None:
+    """Wire a loaded model into the services and start the worker."""
+    settings, metrics = services.settings, services.metrics
+    services.guarded = guarded
+    services.served_model_name = settings.served_model_name or guarded.model_id
+    services.batcher = MicroBatcher(
+        guarded, max_batch=settings.max_batch, queue_size=settings.queue_size,
+        batch_wait_ms=settings.batch_wait_ms, metrics=metrics,
+    )  # fmt: skip
+    services.batcher.start()
+    if settings.audit_log is not None:
+        services.audit = AuditLog(settings.audit_log)
+    info = guarded.info
+    metrics.set_build_info(
+        model=services.served_model_name, probe=info.probe_name or "none",
+        probe_sha256=info.probe_sha256 or "", guarded=guarded.guarded,
+    )  # fmt: skip
+    if guarded.probe is not None:
+        metrics.set_validation_quantiles(guarded.probe.manifest.validation_risk_quantiles)
+    services.ready = True
+    log.info(
+        "serving %s (%s, probe %s)", services.served_model_name,
+        "guarded" if guarded.guarded else "UNGUARDED", info.probe_name,
+    )  # fmt: skip
+
+
+class RequestContext:
+    """Pure ASGI middleware: request id, draining 503s, access log, request metrics."""
+
+    def __init__(self, app: ASGIApp, services: Services) -> None:
+        self.app = app
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        services, metrics = self.services, self.services.metrics
+        rid = _request_id(scope)
+        started = time.perf_counter()
+        state = scope.setdefault("state", {})
+        state["request_id"], state["started"] = rid, started
+        path: str = scope["path"]
+        route = path if path in KNOWN_ROUTES else "other"
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                headers = MutableHeaders(scope=message)
+                if "x-request-id" not in headers:
+                    headers.append("X-Request-ID", rid)
+            await send(message)
+
+        counted = path.startswith("/v1/")
+        if counted:
+            services.in_flight += 1
+            metrics.requests_in_flight.inc()
+        try:
+            if counted and services.draining:
+                await shutting_down().response(rid)(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            if counted:
+                services.in_flight -= 1
+                metrics.requests_in_flight.dec()
+            metrics.requests.labels(route=route, status=str(status)).inc()
+            metrics.request_duration.labels(route=route).observe(elapsed)
+            access_log.info(
+                '%s "%s %s" %d %.3fs request_id=%s', _client(scope), scope["method"], path,
+                status, elapsed, rid,
+            )  # fmt: skip
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", []):
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _REQUEST_ID.match(candidate):
+                return candidate
+    return uuid.uuid4().hex
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "-"
+
+
+def create_app(
+    settings: GuardSettings | None = None,
+    *,
+    guarded: GuardedModel | None = None,
+    registry: CollectorRegistry | None = None,
+) -> FastAPI:
+    """The app; loads model and probe in its lifespan unless ``guarded`` is given."""
+    settings = settings or get_settings()
+    registry = registry if registry is not None else CollectorRegistry()
+    services = Services(settings=settings, registry=registry, metrics=GuardMetrics(registry))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        model = guarded if guarded is not None else await asyncio.to_thread(load_guarded, settings)
+        start_services(services, model)
+        try:
+            yield
+        finally:
+            services.ready = False
+            if services.batcher is not None:
+                await asyncio.to_thread(services.batcher.stop, settings.shutdown_grace_s)
+            if services.audit is not None:
+                services.audit.close()
+
+    app = FastAPI(title="hallucination-guard", version=__version__, lifespan=lifespan)
+    app.state.services = services
+    install_error_handlers(app)
+    app.add_middleware(RequestContext, services=services)
+    app.include_router(routes.v1)
+    app.include_router(routes.ops)
+    return app

@@ -1,0 +1,89 @@
+"""Thin routers: parse, delegate to `guard.api.serving`, return.
+
+``/v1/*`` needs an API key when GUARD_API_KEYS is set; health, readiness and metrics never do.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from guard.api.deps import RequestIdDep, ServicesDep, require_api_key
+from guard.api.errors import APIError, model_not_found
+from guard.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    ScoreRequest,
+)
+from guard.api.scoring import score_answer
+from guard.api.serving import prepare_chat, prepare_completion, respond
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+ops = APIRouter()
+
+
+def _started(request: Request) -> float:
+    return float(getattr(request.state, "started", 0.0))
+
+
+@v1.post("/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, services: ServicesDep, rid: RequestIdDep
+) -> Response:
+    return await respond(services, prepare_chat(services, body, rid, _started(request)))
+
+
+@v1.post("/completions")
+async def completions(
+    body: CompletionRequest, request: Request, services: ServicesDep, rid: RequestIdDep
+) -> Response:
+    return await respond(services, prepare_completion(services, body, rid, _started(request)))
+
+
+@v1.get("/models")
+async def list_models(services: ServicesDep) -> ModelList:
+    return ModelList(data=[ModelCard(id=services.served_model_name, created=services.created)])
+
+
+@v1.get("/models/{model_id:path}")
+async def get_model(model_id: str, services: ServicesDep) -> ModelCard:
+    if model_id != services.served_model_name:
+        raise model_not_found(model_id, services.served_model_name)
+    return ModelCard(id=services.served_model_name, created=services.created)
+
+
+@v1.post("/guard/score")
+async def guard_score(body: ScoreRequest, services: ServicesDep, rid: RequestIdDep) -> Response:
+    return await score_answer(services, body, rid)
+
+
+@ops.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@ops.get("/readyz")
+async def readyz(services: ServicesDep) -> JSONResponse:
+    if services.draining:
+        raise APIError(503, "shutting down", type="service_unavailable", code="shutting_down")
+    if not services.ready or services.guarded is None:
+        raise APIError(503, "model loading", type="service_unavailable", code="not_ready")
+    guarded = services.guarded
+    return JSONResponse(
+        {
+            "status": "ready",
+            "model": services.served_model_name,
+            "guarded": guarded.guarded,
+            "probe": guarded.info.probe_name,
+            "probe_sha256": guarded.info.probe_sha256,
+        }
+    )
+
+
+@ops.get("/metrics")
+async def metrics(services: ServicesDep) -> Response:
+    return PlainTextResponse(generate_latest(services.registry), media_type=CONTENT_TYPE_LATEST)

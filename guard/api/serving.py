@@ -1,0 +1,312 @@
+"""Serving logic of the completion endpoints: validate, queue, stream or collect, judge, audit.
+
+Routes stay thin: they parse (`guard.api.schemas`), then call `prepare_chat` or
+`prepare_completion` and `respond`. Chat and text completions share everything but the
+prompt encoding and the body shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.responses import Response
+
+from guard.api.deps import Services
+from guard.api.errors import APIError, from_guard_error, invalid, model_not_found
+from guard.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, usage
+from guard.batching import Ticket
+from guard.decoding import SamplingParams, TokenEvent
+from guard.errors import GuardError
+from guard.policy import Decision
+from guard.results import GenerationResult
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["chat", "text"]
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated completion request, ready to queue."""
+
+    kind: Kind
+    request_id: str
+    model: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    user: str | None
+    started: float  # perf_counter() at arrival
+    created: int
+
+    @property
+    def completion_id(self) -> str:
+        return f"{'chatcmpl' if self.kind == 'chat' else 'cmpl'}-{self.request_id}"
+
+
+def check_model(services: Services, model: str | None) -> str:
+    """The served name, or 404 for any other model name."""
+    served = services.served_model_name
+    if model is not None and model != served:
+        raise model_not_found(model, served)
+    return served
+
+
+def _params(services: Services, body: SamplingFields, requested: int | None) -> SamplingParams:
+    limit = services.settings.max_new_tokens
+    if requested is not None and requested > limit:
+        raise invalid(
+            f"max_tokens {requested} exceeds this server's limit of {limit} (GUARD_MAX_NEW_TOKENS)",
+            param="max_tokens",
+        )
+    return SamplingParams(
+        max_tokens=requested or limit,
+        temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop=body.stop_strings(),
+        abort=body.stream,
+    )
+
+
+def _prepared(
+    services: Services, kind: Kind, body: SamplingFields, ids: list[int], rid: str, started: float
+) -> Prepared:
+    limit = services.settings.max_prompt_tokens
+    if len(ids) > limit:
+        raise invalid(
+            f"the prompt has {len(ids)} tokens, more than this server's limit of {limit} "
+            "(GUARD_MAX_PROMPT_TOKENS): shorten it",
+            param="messages" if kind == "chat" else "prompt",
+            code="context_length_exceeded",
+        )
+    if not ids:
+        raise invalid("the prompt is empty", param="prompt")
+    return Prepared(
+        kind=kind, request_id=rid, model=check_model(services, body.model), prompt_ids=ids,
+        params=_params(services, body, body.requested_max_tokens()), stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        user=body.user, started=started, created=int(time.time()),
+    )  # fmt: skip
+
+
+def prepare_chat(
+    services: Services, body: ChatCompletionRequest, rid: str, started: float
+) -> Prepared:
+    guarded, _ = services.require_ready()
+    check_model(services, body.model)
+    ids = guarded.encode_chat([message.as_template() for message in body.messages])
+    return _prepared(services, "chat", body, ids, rid, started)
+
+
+def prepare_completion(
+    services: Services, body: CompletionRequest, rid: str, started: float
+) -> Prepared:
+    guarded, _ = services.require_ready()
+    check_model(services, body.model)
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        vocab = len(guarded.loaded.tokenizer)
+        ids = [int(i) for i in prompt]
+        if any(i < 0 or i >= vocab for i in ids):
+            raise invalid(f"prompt token ids must lie in 0..{vocab - 1}", param="prompt")
+    else:
+        text = prompt if isinstance(prompt, str) else str(prompt[0])
+        ids = guarded.encode_text(text)
+    return _prepared(services, "text", body, ids, rid, started)
+
+
+async def respond(services: Services, prep: Prepared) -> Response:
+    """Queue the request; a JSON body or an SSE stream."""
+    _, batcher = services.require_ready()
+    ticket = batcher.submit(prep.prompt_ids, prep.params)
+    services.metrics.prompt_tokens.inc(len(prep.prompt_ids))
+    if prep.stream:
+        return StreamingResponse(
+            _sse(services, prep, ticket),
+            media_type="text/event-stream",
+            headers={"X-Request-ID": prep.request_id, "Cache-Control": "no-cache"},
+        )
+    try:
+        async with asyncio.timeout(services.settings.request_timeout_s):
+            result = await _collect(services, prep, ticket)
+    except TimeoutError:
+        ticket.cancel()
+        raise _timeout(services) from None
+    finally:
+        ticket.cancel()  # no-op once finished; frees the row if the client went away
+    await _record(services, prep, result)
+    return _full_response(services, prep, result)
+
+
+def _timeout(services: Services) -> APIError:
+    return APIError(
+        504, f"generation took longer than {services.settings.request_timeout_s} s "
+        "(GUARD_REQUEST_TIMEOUT_S); ask for fewer tokens", type="timeout", code="request_timeout",
+    )  # fmt: skip
+
+
+async def _collect(services: Services, prep: Prepared, ticket: Ticket) -> GenerationResult:
+    timer = _TokenTimer(services, prep.started)
+    async for item in ticket.events():
+        if isinstance(item, TokenEvent):
+            timer.tick()
+        else:
+            return item
+    raise RuntimeError("the event stream ended without a result")
+
+
+class _TokenTimer:
+    """Time to first token and inter-token latency, as the client sees them."""
+
+    def __init__(self, services: Services, started: float) -> None:
+        self._metrics = services.metrics
+        self._last: float | None = None
+        self._started = started
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self._last is None:
+            self._metrics.time_to_first_token.observe(now - self._started)
+        else:
+            self._metrics.inter_token_latency.observe(now - self._last)
+        self._last = now
+
+
+def _answer_text(services: Services, result: GenerationResult) -> tuple[str, str]:
+    """Content and finish reason of a non-streamed answer (abstain replaces the text)."""
+    if result.decision is Decision.ABSTAIN:
+        return services.settings.abstain_message, "content_filter"
+    return result.text, _finish(result)
+
+
+def _finish(result: GenerationResult) -> str:
+    return "stop" if result.finish_reason == "cancelled" else result.finish_reason
+
+
+def _full_response(services: Services, prep: Prepared, result: GenerationResult) -> JSONResponse:
+    content, finish = _answer_text(services, result)
+    if prep.kind == "chat":
+        choice: dict[str, Any] = {
+            "index": 0, "message": {"role": "assistant", "content": content},
+            "finish_reason": finish, "logprobs": None,
+        }  # fmt: skip
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": content, "finish_reason": finish, "logprobs": None}
+        obj = "text_completion"
+    body = {
+        "id": prep.completion_id, "object": obj, "created": prep.created, "model": prep.model,
+        "choices": [choice], "usage": usage(result.prompt_tokens, result.completion_tokens),
+        "guard": result.guard_object(),
+    }  # fmt: skip
+    headers = {
+        "X-Guard-Risk": "none" if result.risk is None else f"{result.risk:.6f}",
+        "X-Guard-Decision": result.decision.value,
+        "X-Request-ID": prep.request_id,
+    }
+    return JSONResponse(body, headers=headers)
+
+
+def _chunk(
+    prep: Prepared, text: str, finish: str | None, guard: dict[str, Any], *, first: bool = False
+) -> str:
+    if prep.kind == "chat":
+        delta: dict[str, Any] = (
+            {"role": "assistant", "content": text} if first else {"content": text}
+        )
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        obj = "text_completion"
+    body = {
+        "id": prep.completion_id, "object": obj, "created": prep.created, "model": prep.model,
+        "choices": [choice], "guard": guard,
+    }  # fmt: skip
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _sse(services: Services, prep: Prepared, ticket: Ticket) -> AsyncIterator[str]:
+    """The event stream: a token chunk per token, the verdict, usage if asked, ``[DONE]``."""
+    guarded = services.guarded is not None and services.guarded.guarded
+    timer = _TokenTimer(services, prep.started)
+    deadline = time.monotonic() + services.settings.request_timeout_s
+    try:
+        if prep.kind == "chat":
+            role = {"risk": None, "tokens": [], "guarded": guarded}
+            yield _chunk(prep, "", None, role, first=True)
+        while True:
+            item = await ticket.next(_left(deadline))
+            if isinstance(item, TokenEvent):
+                timer.tick()
+                guard = {"risk": item.running_risk, "tokens": [item.token.as_json()],
+                         "guarded": guarded}  # fmt: skip
+                yield _chunk(prep, item.delta, None, guard)
+                continue
+            await _record(services, prep, item)
+            verdict = {**item.guard_object(include_tokens=False), "tokens": []}
+            yield _chunk(prep, item.trailing, _finish(item), verdict)
+            if prep.include_usage:
+                yield _usage_chunk(prep, item)
+            break
+    except TimeoutError:
+        yield _error_event(_timeout(services))
+    except GuardError as exc:
+        yield _error_event(from_guard_error(exc))
+    except Exception:  # the outer edge of a stream: log, tell the client, end cleanly
+        log.exception("stream %s failed", prep.request_id)
+        yield _error_event(APIError(500, "internal server error", type="server_error"))
+    finally:
+        ticket.cancel()  # the client went away or we are done: free the row now
+    yield "data: [DONE]\n\n"
+
+
+def _error_event(error: APIError) -> str:
+    return f"data: {json.dumps(error.body())}\n\n"
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+def _usage_chunk(prep: Prepared, result: GenerationResult) -> str:
+    obj = "chat.completion.chunk" if prep.kind == "chat" else "text_completion"
+    body = {
+        "id": prep.completion_id, "object": obj, "created": prep.created, "model": prep.model,
+        "choices": [], "usage": usage(result.prompt_tokens, result.completion_tokens),
+    }  # fmt: skip
+    return f"data: {json.dumps(body)}\n\n"
+
+
+async def _record(services: Services, prep: Prepared, result: GenerationResult) -> None:
+    """Metrics for a finished answer, and its audit line when flagged or abstained."""
+    metrics = services.metrics
+    if result.finish_reason == "cancelled":
+        return
+    metrics.decisions.labels(decision=result.decision.value).inc()
+    if result.risk is not None:
+        metrics.answer_risk.observe(result.risk)
+    if result.aborted:
+        metrics.aborts.inc()
+    if services.audit is None or result.decision is Decision.PASS:
+        return
+    record = {
+        "request_id": prep.request_id, "route": prep.kind, "model": prep.model,
+        "user": prep.user, "risk": result.risk, "decision": result.decision.value,
+        "aborted": result.aborted, "finish_reason": result.finish_reason,
+        "answer": result.text, "probe": result.info.probe_name,
+        "probe_sha256": result.info.probe_sha256,
+    }  # fmt: skip
+    await asyncio.to_thread(services.audit.write, record)
+    log.info("request %s: %s (risk %.3f) audited", prep.request_id, result.decision.value,
+             result.risk or 0.0)  # fmt: skip

@@ -1,0 +1,378 @@
+"""The batched decode loop of guarded generation: KV cache, sampling, per-token risk.
+
+One call decodes a batch of requests together (left-padded prompts, positions from the
+attention mask, one `DynamicCache`), inside one `NeuronCapture` on the probe's neurons.
+Per step and row (ARCHITECTURE.md, "position"):
+
+- the token sampled at step ``t`` is the input of step ``t + 1``: its CETT, hence its probe
+  logit, is read there; its log-prob and entropy come from the raw logits of step ``t``
+  (temperature 1, before temperature/top-p), sampling uses the processed logits;
+- an end token is not a response token: the row stops without feeding it; a row that
+  stops on ``max_tokens`` or a stop string has had its last token fed already, so every
+  response token is scored;
+- finished or cancelled rows leave the batch (the cache keeps only live rows).
+
+Per step there is one device-to-host copy, ``[batch, 3 + layers]`` floats: next ids,
+their log-prob and entropy, the fed tokens' probe logits and per-layer contributions.
+
+    decode_batch(engine, [GenerationRequest(prompt_ids, SamplingParams(max_tokens=32), sink)])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from guard.errors import InvalidRequestError
+from guard.forcing import position_ids_for
+from guard.model import left_pad
+from guard.neurons import MLPLayer, NeuronCapture
+from guard.results import FinishReason, GenerationResult, GuardInfo, TokenRisk
+from guard.scoring import AnswerStats, RiskScorer, RunningStats, logit_statistics
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request decodes. ``temperature == 0`` is greedy; ``abort`` enables the
+    policy's mid-answer abort (streams)."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    abort: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise InvalidRequestError("max_tokens must be at least 1")
+        if self.temperature < 0:
+            raise InvalidRequestError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequestError("top_p must lie in (0, 1]")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One scored response token as it is produced.
+
+    ``delta`` is the answer text that became safe to send with it (possibly empty: text
+    that may start a stop string, or half a UTF-8 character, is held back).
+    """
+
+    index: int
+    token: TokenRisk
+    delta: str
+    running_risk: float | None
+
+
+class GenerationSink(Protocol):
+    """Receives one request's events, on the decoding thread."""
+
+    def on_token(self, event: TokenEvent) -> None: ...
+    def on_finish(self, result: GenerationResult) -> None: ...
+    def cancelled(self) -> bool: ...
+
+
+@dataclass
+class GenerationRequest:
+    """A tokenised prompt, how to decode it, and where its events go."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: GenerationSink
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Per decode step, for metrics: rows in the batch and guard work per scored token."""
+
+    batch_size: int
+    scored_tokens: int
+    scoring_seconds: float
+
+
+@dataclass(frozen=True)
+class DecodeEngine:
+    """What the loop needs: model, tokenizer, and the scorer (None = unguarded)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    scorer: RiskScorer | None
+    info: GuardInfo
+    end_ids: frozenset[int]
+    mlp_layers: list[MLPLayer]
+    pad_id: int
+
+
+class TextTracker:
+    """Incremental detokenisation with stop strings: what is safe to send, and when to stop."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]) -> None:
+        self._tokenizer = tokenizer
+        self._stops = [stop for stop in stops if stop]
+        self._ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add a token; returns the newly safe text."""
+        self._ids.append(token_id)
+        text = str(self._tokenizer.decode(self._ids, skip_special_tokens=True))
+        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            text, self.stopped = text[:cut], True
+        self.text = text
+        safe = len(text)
+        if not self.stopped:
+            safe -= max(
+                (k for s in self._stops for k in range(1, len(s)) if text.endswith(s[:k])),
+                default=0,
+            )
+            if text.endswith("\ufffd"):  # half a multi-byte character so far
+                safe = min(safe, len(text) - 1)
+        if safe <= self.sent:
+            return ""
+        delta, self.sent = text[self.sent : safe], safe
+        return delta
+
+    def flush(self) -> str:
+        """The rest of the text, at the end of the answer."""
+        rest, self.sent = self.text[self.sent :], len(self.text)
+        return rest
+
+
+@dataclass
+class _Row:
+    """One request's decoding state."""
+
+    request: GenerationRequest
+    engine: DecodeEngine
+    tracker: TextTracker
+    generator: torch.Generator | None
+    running: RunningStats = field(default_factory=RunningStats)
+    tokens: list[TokenRisk] = field(default_factory=list)
+    layer_sums: np.ndarray | None = None
+    pending: tuple[int, float, float] | None = None  # sampled, not yet fed: id, logprob, entropy
+    done: bool = False
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    def accept(self, values: Sequence[float]) -> None:
+        """Take the step's host values ``[next_id, logprob, entropy, s, shares...]``."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self._score(pending, values[3:])
+            if self.done:
+                return
+        next_id = int(values[0])
+        if next_id in self.engine.end_ids:
+            self.finish("stop")
+        else:
+            self.pending = (next_id, float(values[1]), float(values[2]))
+
+    def _score(self, pending: tuple[int, float, float], measured: Sequence[float]) -> None:
+        """Score the token fed in this step, send it, and decide whether the row ends."""
+        token_id, logprob, entropy = pending
+        scorer, risk, running = self.engine.scorer, None, None
+        if scorer is not None:
+            s = float(measured[0])
+            shares = np.asarray(measured[1:], dtype=np.float64)
+            self.layer_sums = shares if self.layer_sums is None else self.layer_sums + shares
+            self.running.update(s, logprob, entropy)
+            n = self.running.length
+            risk = scorer.answer_risk(AnswerStats(s, n, logprob, logprob, entropy, entropy))
+            running = scorer.answer_risk(self.running.stats())
+        text = str(self.engine.tokenizer.decode([token_id], skip_special_tokens=True))
+        token = TokenRisk(token_id, text, risk)
+        self.tokens.append(token)
+        delta = self.tracker.push(token_id)
+        self.request.sink.on_token(TokenEvent(len(self.tokens) - 1, token, delta, running))
+        policy = self.engine.info.policy
+        if self.tracker.stopped:
+            self.finish("stop")
+        elif (
+            self.params.abort
+            and running is not None
+            and policy.should_abort(running, len(self.tokens))
+        ):
+            self.finish("content_filter", aborted=True)
+        if not self.done and len(self.tokens) >= self.params.max_tokens:
+            self.finish("length")
+
+    def finish(self, reason: FinishReason, *, aborted: bool = False) -> None:
+        self.done = True
+        self.request.sink.on_finish(self._result(reason, aborted))
+
+    def _result(self, reason: FinishReason, aborted: bool) -> GenerationResult:
+        info, scorer = self.engine.info, self.engine.scorer
+        risk = None
+        if scorer is not None and self.running.length:
+            risk = scorer.answer_risk(self.running.stats())
+        decision = info.policy.decide(risk)
+        if aborted:
+            decision = type(decision).ABSTAIN
+        return GenerationResult(
+            info=info, risk=risk, decision=decision, tokens=list(self.tokens),
+            layers=layer_shares(scorer, self.layer_sums, self.running.length), aborted=aborted,
+            text=self.tracker.text, finish_reason=reason,
+            prompt_tokens=len(self.request.prompt_ids), trailing=self.tracker.flush(),
+        )  # fmt: skip
+
+
+def layer_shares(
+    scorer: RiskScorer | None, sums: np.ndarray | None, length: int
+) -> dict[int, float]:
+    """Each layer's signed share of the mean probe logit (sum of |shares| = 1)."""
+    if scorer is None or sums is None or length == 0:
+        return {}
+    total = float(np.abs(sums).sum())
+    layers = list(scorer.neuron_selection())
+    return {
+        layer: (float(v) / total if total > 0 else 0.0)
+        for layer, v in zip(layers, sums, strict=True)
+    }
+
+
+def sample_next(raw: torch.Tensor, rows: Sequence[_Row]) -> torch.Tensor:
+    """Next token per row from raw logits ``[batch, vocab]``: greedy or sampled. ``[batch]``."""
+    chosen = raw.argmax(dim=-1)
+    for i, row in enumerate(rows):
+        params = row.params
+        if params.temperature == 0:
+            continue
+        logits = raw[i].float() / params.temperature
+        probs = torch.softmax(logits, dim=-1)
+        if params.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        chosen[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
+    return chosen
+
+
+def _make_row(engine: DecodeEngine, request: GenerationRequest, device: torch.device) -> _Row:
+    generator = None
+    if request.params.temperature > 0:
+        generator = torch.Generator(device=device)
+        if request.params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(request.params.seed)
+    tracker = TextTracker(engine.tokenizer, request.params.stop)
+    return _Row(request, engine, tracker, generator)
+
+
+class _Scoring:
+    """Turn one step's captured CETT into ``[batch, 1 + layers]``: probe logit, shares."""
+
+    def __init__(self, scorer: RiskScorer, device: torch.device) -> None:
+        selection = scorer.neuron_selection()
+        weights = scorer.probe.weights.by_layer()
+        self.layers = list(selection)
+        self.weights = [
+            torch.as_tensor(weights[layer][1], dtype=torch.float32, device=device)
+            for layer in self.layers
+        ]
+        self.bias = float(scorer.probe.weights.bias)
+
+    def measure(self, chunks: dict[int, torch.Tensor]) -> torch.Tensor:
+        shares = torch.stack(
+            [
+                chunks[layer][:, -1, :].float() @ w
+                for layer, w in zip(self.layers, self.weights, strict=True)
+            ],
+            dim=1,
+        )
+        return torch.cat([shares.sum(dim=1, keepdim=True) + self.bias, shares], dim=1)
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The forward keyword for the KV cache: ``cache`` (transformers >= 5.2x) or the older
+    ``past_key_values``."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def decode_batch(
+    engine: DecodeEngine,
+    requests: Sequence[GenerationRequest],
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> None:
+    """Decode ``requests`` together; every request's sink gets its tokens and one result."""
+    if not requests:
+        return
+    model = engine.model
+    device = next(model.parameters()).device
+    rows = [_make_row(engine, request, device) for request in requests]
+    scorer = engine.scorer
+    capture: contextlib.AbstractContextManager[NeuronCapture | None] = contextlib.nullcontext()
+    scoring = None
+    if scorer is not None:
+        capture = NeuronCapture(model, scorer.neuron_selection(), layers=engine.mlp_layers)
+        scoring = _Scoring(scorer, device)
+    input_ids, mask = left_pad([r.prompt_ids for r in requests], engine.pad_id)
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = position_ids_for(mask)[:, -1:]
+    cache = DynamicCache()
+    cache_kw = cache_argument(model)
+    with torch.inference_mode(), capture as active_capture:
+        logits = model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids_for(mask),
+            **{cache_kw: cache}, use_cache=True, logits_to_keep=1,
+        ).logits[:, -1, :]  # fmt: skip
+        if active_capture is not None:
+            active_capture.pop_chunks()  # prompt positions: not response tokens
+        live = rows
+        while True:
+            next_ids = sample_next(logits, live)
+            started = time.perf_counter()
+            parts = [next_ids.double()[:, None]]
+            if active_capture is not None and scoring is not None:
+                logprob, entropy = logit_statistics(logits, next_ids)
+                parts += [logprob.double()[:, None], entropy.double()[:, None]]
+                if live[0].pending is not None:
+                    parts.append(scoring.measure(active_capture.pop_chunks()).double())
+            else:  # unguarded: no statistics needed
+                parts.append(torch.zeros((len(live), 2), dtype=torch.float64, device=device))
+            values = torch.cat(parts, dim=1).tolist()  # the step's one host sync
+            scored = sum(row.pending is not None for row in live)
+            for row, row_values in zip(live, values, strict=True):
+                if not row.done:
+                    row.accept(row_values)
+            if on_step is not None:
+                seconds = time.perf_counter() - started
+                on_step(StepInfo(len(live), scored, seconds))
+            for row in live:
+                if not row.done and row.request.sink.cancelled():
+                    row.finish("cancelled")
+            keep = [i for i, row in enumerate(live) if not row.done]
+            if not keep:
+                return
+            if len(keep) < len(live):
+                index = torch.as_tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                mask, positions = mask[index], positions[index]
+                live = [live[i] for i in keep]
+            step_ids = torch.as_tensor(
+                [[row.pending[0] for row in live if row.pending]], device=device
+            )
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+            positions = positions + 1
+            logits = model(
+                input_ids=step_ids.T, attention_mask=mask, position_ids=positions,
+                **{cache_kw: cache}, use_cache=True,
+            ).logits[:, -1, :]  # fmt: skip

@@ -1,0 +1,237 @@
+"""GuardedModel: a model, its tokenizer and a verified probe, generating and scoring under guard.
+
+It owns the pieces (model, tokenizer, probe, `RiskScorer`, `Policy`) and offers
+- `generate_batch`: decode several requests together (`guard.decoding`), each token's risk
+  computed as it is produced and sent to its own request's sink;
+- `generate`: one request, blocking, for scripts and tests;
+- `score` / `score_ids`: teacher-force a given answer (`guard.forcing`) and judge it with
+  exactly the same arithmetic as live generation.
+
+Forward passes through one model must be serialised (`NeuronCapture` refuses overlapping
+captures): the server calls it from one worker thread (`guard.batching`).
+
+    guarded = GuardedModel.from_spec(model=None, probe="default")
+    result = guarded.generate(guarded.encode_chat([{"role": "user", "content": "Hi"}]))
+    result.text, result.risk, result.decision
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from guard.decoding import (
+    DecodeEngine,
+    GenerationRequest,
+    SamplingParams,
+    StepInfo,
+    TokenEvent,
+    decode_batch,
+    layer_shares,
+)
+from guard.errors import InvalidRequestError
+from guard.forcing import teacher_force
+from guard.model import LoadedModel, encode_chats, end_token_ids, load_model
+from guard.neurons import find_mlp_layers
+from guard.policy import Policy, ThresholdOverrides
+from guard.probe import Probe, PromptRecipe, load_probe
+from guard.results import GenerationResult, GuardInfo, ScoreResult, TokenRisk
+from guard.scoring import AnswerStats, RiskScorer
+
+log = logging.getLogger(__name__)
+
+# Thresholds when serving unguarded (no probe): nothing is ever flagged.
+_UNGUARDED_POLICY = Policy(flag=1.0, abstain=1.0)
+
+
+@dataclass
+class _Collector:
+    """A sink that keeps everything: for the blocking `GuardedModel.generate`."""
+
+    on_event: Callable[[TokenEvent], None] | None = None
+    events: list[TokenEvent] = field(default_factory=list)
+    result: GenerationResult | None = None
+
+    def on_token(self, event: TokenEvent) -> None:
+        self.events.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def on_finish(self, result: GenerationResult) -> None:
+        self.result = result
+
+    def cancelled(self) -> bool:
+        return False
+
+
+class GuardedModel:
+    """A loaded model with a verified probe (or explicitly none: unguarded).
+
+    guarded = GuardedModel(loaded, probe)       # already loaded pieces (tests)
+    guarded = GuardedModel.from_spec(None, "default")
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        probe: Probe | None,
+        *,
+        policy: Policy | None = None,
+        overrides: ThresholdOverrides | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.probe = probe
+        self.scorer: RiskScorer | None = None
+        if probe is not None:
+            probe.verify_model(loaded.fingerprint)
+            self.scorer = RiskScorer(probe, device=self.device)
+            policy = policy or Policy.from_probe(probe.manifest.thresholds, overrides)
+        self.policy = policy or _UNGUARDED_POLICY
+        self.info = GuardInfo(
+            probe_name=probe.name if probe is not None else None,
+            probe_sha256=probe.manifest_sha256 if probe is not None else None,
+            policy=self.policy,
+        )
+        tokenizer = loaded.tokenizer
+        self.end_ids = frozenset(end_token_ids(loaded.model, tokenizer))
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self._engine = DecodeEngine(
+            model=loaded.model,
+            tokenizer=tokenizer,
+            scorer=self.scorer,
+            info=self.info,
+            end_ids=self.end_ids,
+            mlp_layers=find_mlp_layers(loaded.model),
+            pad_id=self.pad_id,
+        )
+
+    @classmethod
+    def from_spec(
+        cls,
+        model: str | None,
+        probe: str | None = "default",
+        *,
+        probe_sha256: str | None = None,
+        overrides: ThresholdOverrides | None = None,
+    ) -> GuardedModel:
+        """Load probe then model (``model=None``: the model the probe was trained on).
+
+        ``probe=None`` serves unguarded (the model spec then defaults to ``smollm2``).
+        """
+        loaded_probe = None
+        if probe is not None:
+            loaded_probe = load_probe(probe, expected_sha256=probe_sha256)
+        if model is None:
+            training = loaded_probe.manifest.training if loaded_probe is not None else {}
+            model = str(training.get("model_spec", "smollm2"))
+        log.info("loading model %s", model)
+        return cls(load_model(model), loaded_probe, overrides=overrides)
+
+    @property
+    def guarded(self) -> bool:
+        return self.scorer is not None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.loaded.model.parameters()).device
+
+    @property
+    def model_id(self) -> str:
+        return self.loaded.model_id
+
+    @property
+    def prompt_recipe(self) -> PromptRecipe:
+        """How the probe's training questions were asked (default recipe when unguarded)."""
+        return self.probe.manifest.prompt if self.probe is not None else PromptRecipe()
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Prompt ids of a conversation, chat template and generation prompt applied."""
+        prompts, _, _ = encode_chats(self.loaded.tokenizer, [list(messages)])
+        return prompts[0]
+
+    def encode_text(self, text: str) -> list[int]:
+        """Prompt ids of raw text (``/v1/completions``), with the tokenizer's special tokens."""
+        ids = self.loaded.tokenizer(text)["input_ids"]
+        return [int(i) for i in ids]
+
+    def encode_answer(self, text: str) -> list[int]:
+        """Response ids of an answer text (no special tokens)."""
+        ids = self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [int(i) for i in ids]
+
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_step: Callable[[StepInfo], None] | None = None,
+    ) -> None:
+        """Decode ``requests`` as one batch; each sink receives its tokens and its result."""
+        for request in requests:
+            if not request.prompt_ids:
+                raise InvalidRequestError("the prompt is empty: give at least one token")
+        decode_batch(self._engine, requests, on_step)
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        on_event: Callable[[TokenEvent], None] | None = None,
+    ) -> GenerationResult:
+        """Generate one answer (blocking) with its risk and decision."""
+        sink = _Collector(on_event)
+        self.generate_batch([GenerationRequest(prompt_ids, params or SamplingParams(), sink)])
+        if sink.result is None:  # decode_batch always finishes every row
+            raise RuntimeError("generation ended without a result")
+        return sink.result
+
+    def score(
+        self,
+        *,
+        answer: str,
+        question: str | None = None,
+        messages: Sequence[dict[str, str]] | None = None,
+    ) -> ScoreResult:
+        """Teacher-force ``answer`` after ``question`` (asked with the probe's prompt recipe)
+        or after chat ``messages``, and judge it."""
+        if (question is None) == (messages is None):
+            raise InvalidRequestError("give exactly one of 'question' or 'messages'")
+        if messages is None:
+            messages = self.prompt_recipe.messages(question or "")
+        response = self.encode_answer(answer)
+        return self.score_ids(self.encode_chat(messages), response)
+
+    def score_ids(self, prompt_ids: list[int], response_ids: list[int]) -> ScoreResult:
+        """Judge the given response tokens as the continuation of the prompt tokens."""
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty: give at least one token")
+        if not response_ids:
+            raise InvalidRequestError("the answer is empty: give at least one token to score")
+        tokenizer = self.loaded.tokenizer
+        texts = [str(tokenizer.decode([i], skip_special_tokens=True)) for i in response_ids]
+        if self.scorer is None:
+            tokens = [TokenRisk(i, t, None) for i, t in zip(response_ids, texts, strict=True)]
+            return ScoreResult(self.info, None, self.policy.decide(None), tokens)
+        scorer = self.scorer
+        trace = teacher_force(
+            self.loaded.model,
+            [prompt_ids],
+            [response_ids],
+            self.pad_id,
+            scorer.neuron_selection(),
+            layers=self._engine.mlp_layers,
+        )[0]
+        shares = scorer.layer_shares({layer: cett[None] for layer, cett in trace.cett.items()})
+        per_layer = np.stack([shares[layer][0].numpy() for layer in shares], axis=0)  # [L, T]
+        token_logits = per_layer.sum(axis=0) + float(scorer.probe.weights.bias)
+        logprobs, entropies = trace.logprobs.numpy(), trace.entropies.numpy()
+        risk = scorer.answer_risk(AnswerStats.from_tokens(token_logits, logprobs, entropies))
+        token_risks = scorer.token_risks(token_logits, logprobs, entropies)
+        tokens = [
+            TokenRisk(i, t, float(r))
+            for i, t, r in zip(response_ids, texts, token_risks, strict=True)
+        ]
+        layers = layer_shares(scorer, per_layer.sum(axis=1), len(response_ids))
+        return ScoreResult(self.info, risk, self.policy.decide(risk), tokens, layers)

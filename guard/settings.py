@@ -1,0 +1,86 @@
+"""GuardSettings: every ``GUARD_*`` environment variable of the serving runtime.
+
+Typed, validated, built only when asked (`get_settings()` or ``GuardSettings(**overrides)``),
+never at import time.
+
+    settings = GuardSettings(probe="default", api_keys="k1,k2")
+    settings.api_keys  # ["k1", "k2"]
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_ABSTAIN_MESSAGE = (
+    "I am not confident enough in the answer to give it reliably, so I will not answer."
+)
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class GuardSettings(BaseSettings):
+    """Configuration of `hguard serve` (env prefix ``GUARD_``; see ARCHITECTURE.md)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GUARD_", extra="ignore", protected_namespaces=(), validate_default=True
+    )
+
+    model: str | None = Field(
+        default=None, description="model spec; None = the model the probe was trained on"
+    )
+    served_model_name: str | None = Field(
+        default=None, description="id listed by /v1/models; None = the loaded model's id"
+    )
+    probe: str = "default"
+    probe_sha256: str | None = None
+    flag_threshold: Probability | None = None
+    abstain_threshold: Probability | None = None
+    abort_threshold: Probability | None = None
+    abort_min_tokens: int | None = Field(default=None, ge=1)
+    abstain_message: str = DEFAULT_ABSTAIN_MESSAGE
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_prompt_tokens: int = Field(default=2048, ge=1)
+    max_new_tokens: int = Field(default=256, ge=1)
+    max_batch: int = Field(default=32, ge=1)
+    queue_size: int = Field(default=256, ge=1)
+    batch_wait_ms: float = Field(default=5.0, ge=0.0)
+    request_timeout_s: float = Field(default=300.0, gt=0.0)
+    shutdown_grace_s: float = Field(default=30.0, ge=0.0)
+    audit_log: Path | None = None
+    allow_unguarded: bool = False
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        """Comma-separated in the environment (pydantic-settings would expect JSON)."""
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("model", "served_model_name", "probe_sha256", "audit_log", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _ordered_thresholds(self) -> GuardSettings:
+        flag, abstain = self.flag_threshold, self.abstain_threshold
+        if flag is not None and abstain is not None and abstain < flag:
+            raise ValueError(
+                f"GUARD_ABSTAIN_THRESHOLD ({abstain}) is below GUARD_FLAG_THRESHOLD ({flag}): "
+                "abstaining must need at least the risk that flags"
+            )
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> GuardSettings:
+    """The process-wide settings from the environment, built on first use."""
+    return GuardSettings()
