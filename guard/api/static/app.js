@@ -224,6 +224,8 @@ async function ask(event) {
     model: $("model").value || undefined,
     messages: [{ role: "user", content: question }],
     max_tokens: Number($("max-tokens").value) || undefined,
+    // 0 = greedy, the decoding the probes are trained on
+    temperature: Number($("temperature").value) || 0,
     stream: true,
   };
   try {
