@@ -62,7 +62,7 @@ class SamplingFields(_Request):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # torch's seed range
     user: str | None = None
     n: int | None = Field(default=None, ge=1)
 
