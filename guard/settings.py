@@ -46,6 +46,7 @@ class GuardSettings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_prompt_tokens: int = Field(default=2048, ge=1)
     max_new_tokens: int = Field(default=256, ge=1)
+    max_body_bytes: int = Field(default=1_048_576, ge=1)
     max_batch: int = Field(default=32, ge=1)
     queue_size: int = Field(default=256, ge=1)
     batch_wait_ms: float = Field(default=5.0, ge=0.0)
