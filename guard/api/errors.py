@@ -89,6 +89,13 @@ def unauthorized() -> APIError:
     )
 
 
+def body_too_large(limit: int) -> APIError:
+    return APIError(
+        413, f"the request body is larger than this server's limit of {limit} bytes "
+        "(GUARD_MAX_BODY_BYTES): send a shorter prompt", code="request_too_large",
+    )  # fmt: skip
+
+
 def shutting_down() -> APIError:
     return APIError(
         503, "The server is shutting down; retry on another replica",
@@ -121,6 +128,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request body", None
     first = errors[0]
+    if first.get("type") == "json_invalid":  # loc is ("body", offset): not a parameter
+        detail = (first.get("ctx") or {}).get("error", "")
+        return f"the request body is not valid JSON ({detail}): send a JSON object", None
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(loc) or None
     message = str(first.get("msg", "invalid value"))
@@ -146,7 +156,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        error = APIError(exc.status_code, str(exc.detail), type=kind)
+        message = str(exc.detail)
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            message = "the request body could not be read: send UTF-8 encoded JSON"
+        error = APIError(exc.status_code, message, type=kind)
         error.headers = dict(exc.headers or {})
         return error.response(_request_id(request))
 
