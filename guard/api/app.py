@@ -20,12 +20,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard import __version__
-from guard.api import routes
+from guard.api import routes, ui
 from guard.api.deps import Services
-from guard.api.errors import install_error_handlers, shutting_down
+from guard.api.errors import body_too_large, install_error_handlers, shutting_down
 from guard.audit import AuditLog
 from guard.batching import MicroBatcher
 from guard.errors import ProbeError
@@ -76,6 +77,8 @@ def _refuse_or_warn(settings: GuardSettings, exc: ProbeError) -> None:
 def start_services(services: Services, guarded: GuardedModel) -> None:
     """Wire a loaded model into the services and start the worker."""
     settings, metrics = services.settings, services.metrics
+    if guarded.probe is not None:  # the settings' threshold overrides apply to any model given
+        guarded = GuardedModel(guarded.loaded, guarded.probe, overrides=settings)
     services.guarded = guarded
     services.served_model_name = settings.served_model_name or guarded.model_id
     services.batcher = MicroBatcher(
@@ -132,11 +135,14 @@ class RequestContext:
         if counted:
             services.in_flight += 1
             metrics.requests_in_flight.inc()
+        limit = services.settings.max_body_bytes
         try:
             if counted and services.draining:
                 await shutting_down().response(rid)(scope, receive, send_with_id)
+            elif _content_length(scope) > limit:  # refused before reading (or tokenising) it
+                await body_too_large(limit).response(rid)(scope, receive, send_with_id)
             else:
-                await self.app(scope, receive, send_with_id)
+                await self.app(scope, _limited(receive, limit), send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             if counted:
@@ -157,6 +163,29 @@ def _request_id(scope: Scope) -> str:
             if _REQUEST_ID.match(candidate):
                 return candidate
     return uuid.uuid4().hex
+
+
+def _content_length(scope: Scope) -> int:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """``receive`` that refuses a body past ``limit`` bytes (chunked: no Content-Length)."""
+    received = 0
+
+    async def receive_limited() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:  # FastAPI re-raises HTTPExceptions from body reading
+                raise StarletteHTTPException(413, detail=body_too_large(limit).message)
+        return message
+
+    return receive_limited
 
 
 def _client(scope: Scope) -> str:
@@ -194,4 +223,5 @@ def create_app(
     app.add_middleware(RequestContext, services=services)
     app.include_router(routes.v1)
     app.include_router(routes.ops)
+    app.include_router(ui.router)  # the browser playground at /ui (guard/api/ui.py)
     return app
