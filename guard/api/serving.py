@@ -243,7 +243,7 @@ async def _sse(services: Services, prep: Prepared, ticket: Ticket) -> AsyncItera
     deadline = time.monotonic() + services.settings.request_timeout_s
     try:
         if prep.kind == "chat":
-            role = {"risk": None, "tokens": [], "guarded": guarded}
+            role: dict[str, Any] = {"risk": None, "tokens": [], "guarded": guarded}
             yield _chunk(prep, "", None, role, first=True)
         while True:
             item = await ticket.next(_left(deadline))

@@ -1,0 +1,46 @@
+"""Policy: decisions on the calibrated risk, thresholds from the manifest or settings, abort."""
+
+from __future__ import annotations
+
+import pytest
+
+from guard.errors import GuardError
+from guard.policy import Decision, Policy
+from guard.probe import Thresholds
+from guard.settings import GuardSettings
+
+
+def test_decisions_follow_thresholds() -> None:
+    policy = Policy(flag=0.5, abstain=0.8)
+    assert policy.decide(0.1) is Decision.PASS
+    assert policy.decide(0.5) is Decision.FLAG
+    assert policy.decide(0.79) is Decision.FLAG
+    assert policy.decide(0.8) is Decision.ABSTAIN
+    assert policy.decide(None) is Decision.PASS
+    assert [d.value for d in Decision] == ["pass", "flag", "abstain"]
+
+
+def test_settings_override_manifest_thresholds() -> None:
+    thresholds = Thresholds(flag=0.6, abstain=0.9, abort=0.95, abort_min_tokens=4)
+    assert Policy.from_probe(thresholds) == Policy(0.6, 0.9, 0.95, 4)
+    settings = GuardSettings(flag_threshold=0.3, abort_threshold=0.7)
+    policy = Policy.from_probe(thresholds, settings)
+    assert (policy.flag, policy.abstain, policy.abort, policy.abort_min_tokens) == (
+        0.3, 0.9, 0.7, 4,
+    )  # fmt: skip
+
+
+def test_abort_needs_threshold_and_min_tokens() -> None:
+    assert not Policy(0.5, 0.8).should_abort(1.0, 100)
+    policy = Policy(0.5, 0.8, abort=0.9, abort_min_tokens=3)
+    assert not policy.should_abort(0.95, 2)
+    assert policy.should_abort(0.95, 3)
+    assert not policy.should_abort(0.89, 30)
+    assert policy.thresholds() == {"flag": 0.5, "abstain": 0.8, "abort": 0.9}
+
+
+def test_inconsistent_thresholds_are_refused() -> None:
+    with pytest.raises(GuardError, match="below the flag"):
+        Policy(flag=0.9, abstain=0.5)
+    with pytest.raises(GuardError, match="must lie in"):
+        Policy(flag=0.5, abstain=1.5)
