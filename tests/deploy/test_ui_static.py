@@ -24,7 +24,7 @@ def test_page_and_assets_are_served_with_their_types(client: TestClient) -> None
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
     assert "default-src 'self'" in page.headers["content-security-policy"]
-    for src in re.findall(r'(?:src|href)="([^"]+)"', page.text):
+    for src in re.findall(r'(?:src|href)="(/[^"]+)"', page.text):
         asset = client.get(src)
         assert asset.status_code == 200, src
     assert client.get("/ui/static/app.js").headers["content-type"].startswith("text/javascript")

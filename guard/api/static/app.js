@@ -9,6 +9,7 @@ const state = {
   content: "",        // answer text from choices[0].delta.content
   tokens: [],         // scored tokens [{text, risk}] from guard.tokens
   thresholds: null,
+  finished: 0,        // questions answered or failed so far
 };
 
 // Risk 0 -> green, 0.5 -> amber, 1 -> red (one direction everywhere: higher = riskier).
@@ -244,6 +245,8 @@ async function ask(event) {
     $("send").disabled = false;
     $("stop").disabled = true;
     state.controller = null;
+    state.finished += 1;
+    document.body.dataset.finished = String(state.finished);  // for automated checks
   }
 }
 

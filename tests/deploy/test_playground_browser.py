@@ -1,0 +1,78 @@
+"""The playground in headless Chromium against a running guard: the page loads, a question
+is submitted, risk-shaded tokens and a verdict appear, matching what the API says."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.deploy.browser import ask, chromium, page_state
+from tests.deploy.live import SERVED_NAME, serve, tiny_app
+
+pytestmark = pytest.mark.timeout(300)
+QUESTION = "Who wrote the novel Middlemarch?"
+
+
+@pytest.fixture(scope="module")
+def guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with serve(tiny_app(tmp_path_factory.mktemp("ui") / "probe")) as base:
+        yield base
+
+
+def streamed_verdict(guard: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The same question through the API: (tokens, final guard object)."""
+    body = {"model": SERVED_NAME, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": QUESTION}]}  # fmt: skip
+    tokens: list[dict[str, Any]] = []
+    final: dict[str, Any] = {}
+    with httpx.stream("POST", f"{guard}/v1/chat/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            tokens += chunk["guard"]["tokens"]
+            if chunk["guard"].get("decision"):
+                final = chunk["guard"]
+    return tokens, final
+
+
+def rgb(color: str) -> tuple[int, ...]:
+    return tuple(int(c) for c in re.findall(r"\d+", color)[:3])
+
+
+def test_a_question_streams_shaded_tokens_and_a_verdict(guard: str, tmp_path: Path) -> None:
+    with chromium() as driver:
+        ask(driver, guard, QUESTION)
+        shot = tmp_path / "playground.png"
+        assert driver.save_screenshot(str(shot))
+        shown = page_state(driver)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    tokens, final = streamed_verdict(guard)
+
+    assert shown["decision"] == final["decision"] in {"pass", "flag", "abstain"}
+    assert shown["status"] == "Done."
+    assert float(shown["risk"]) == pytest.approx(final["risk"], abs=0.005)
+    assert [t["text"] for t in shown["tokens"]] == [t["text"] for t in tokens]
+    assert [t["risk"] for t in shown["tokens"]] == pytest.approx([t["risk"] for t in tokens])
+    assert shown["layers"] == sorted(final["layers"], key=int)
+    # every token is shaded, and a riskier token is redder (more red, less green)
+    colors = {t["risk"]: rgb(t["color"]) for t in shown["tokens"]}
+    assert all(c != (0, 0, 0) for c in colors.values())
+    low, high = colors[min(colors)], colors[max(colors)]
+    if max(colors) - min(colors) > 0.1:
+        assert high[0] - high[1] > low[0] - low[1]
+
+
+def test_an_api_error_is_shown_not_swallowed(guard: str) -> None:
+    with chromium() as driver:
+        driver.get(f"{guard}/ui")
+        driver.execute_script("document.getElementById('max-tokens').value = 4000;")
+        with pytest.raises(AssertionError, match="max_tokens 4000 exceeds"):
+            ask(driver, guard, QUESTION, reload=False)
+        assert page_state(driver)["badge"] == "no verdict"
