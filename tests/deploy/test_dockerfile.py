@@ -93,3 +93,11 @@ def test_everything_copied_exists_and_is_not_ignored() -> None:
                 if fnmatch.fnmatch(source, pattern.lstrip("!").rstrip("/")):
                     included = negated
             assert included, f"COPY {source} is excluded by Dockerfile.dockerignore"
+
+
+def test_the_lock_file_the_image_installs_with_cannot_bring_cuda() -> None:
+    # `pip install -c requirements.lock .` runs after torch+cpu is in place: the lock must
+    # not pin torch (or its CUDA wheels) again, or pip would replace the CPU build.
+    pins = (REPO / "requirements.lock").read_text().lower().splitlines()
+    offending = [p for p in pins if re.match(r"(torch|triton|nvidia-)", p)]
+    assert offending == []
