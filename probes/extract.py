@@ -40,7 +40,7 @@ from tqdm import tqdm
 from guard.errors import GuardError
 from guard.forcing import TokenTrace, teacher_force
 from guard.model import LoadedModel
-from guard.neurons import find_mlp_layers
+from guard.neurons import MLPLayer, find_mlp_layers
 from probes.collect import AnswerRecord
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def extract_features(
             digest = _digest(loaded, chunk)
             shard = old.get(name)
             if shard is None or shard["digest"] != digest or not _complete(root, name):
-                shard = _extract_shard(loaded, chunk, root, name, batch_size, progress)
+                shard = _extract_shard(loaded, layers, chunk, root / name, batch_size, progress)
                 shard["digest"] = digest
             else:
                 progress.update(len(chunk))
@@ -120,20 +120,20 @@ def _complete(root: Path, name: str) -> bool:
 
 def _extract_shard(
     loaded: LoadedModel,
+    layers: list[MLPLayer],
     chunk: Sequence[AnswerRecord],
-    root: Path,
-    name: str,
+    stem: Path,
     batch_size: int,
     progress: tqdm,
 ) -> dict[str, Any]:
-    """Compute and write one shard; returns its index entry (without the digest)."""
+    """Compute and write one shard (files ``<stem>.<kind>.npy``); returns its index entry
+    without the digest."""
     kept = [r for r in chunk if r.response_ids]
     skipped = [r.id for r in chunk if not r.response_ids]
     for rid in skipped:
         log.info("%s: no response tokens, skipped", rid)
-    layers = find_mlp_layers(loaded.model)
     width = len(layers) * layers[0].width
-    tmp = {kind: root / f"{name}.{kind}.tmp.npy" for kind in KINDS}
+    tmp = {kind: stem.with_name(f"{stem.name}.{kind}.tmp.npy") for kind in KINDS}
     outs = {kind: _open_rows(tmp[kind], (len(kept), width)) for kind in KINDS}
     stats: dict[str, list[float]] = {key: [0.0] * len(kept) for key in STAT_KEYS}
     pad_id = int(loaded.tokenizer.pad_token_id or 0)
@@ -161,7 +161,7 @@ def _extract_shard(
         else:
             np.save(tmp[kind], array)
         del array
-        os.replace(tmp[kind], root / f"{name}.{kind}.npy")
+        os.replace(tmp[kind], stem.with_name(f"{stem.name}.{kind}.npy"))
     meta = {
         "label": [0 if r.correct else 1 for r in kept],
         "split": [r.split for r in kept],
@@ -169,7 +169,7 @@ def _extract_shard(
         "has_span": [r.span is not None and r.span[1] > r.span[0] for r in kept],
         **stats,
     }
-    return {"name": name, "ids": [r.id for r in kept], "skipped": skipped, "meta": meta}
+    return {"name": stem.name, "ids": [r.id for r in kept], "skipped": skipped, "meta": meta}
 
 
 def _open_rows(path: Path, shape: tuple[int, int]) -> np.ndarray:
