@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,6 +17,7 @@ from guard.api.errors import APIError, model_not_found
 from guard.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    ErrorResponse,
     ModelCard,
     ModelList,
     ScoreRequest,
@@ -22,7 +25,25 @@ from guard.api.schemas import (
 from guard.api.scoring import score_answer
 from guard.api.serving import prepare_chat, prepare_completion, respond
 
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+# Documented in /openapi.json (fuzzed against it: tests/hardening/test_fuzz.py).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "invalid request: the message says what to fix"),
+        (401, "missing or invalid API key"),
+        (404, "unknown model"),
+        (413, "request body over GUARD_MAX_BODY_BYTES"),
+        (429, "request queue full: retry after Retry-After seconds"),
+        (503, "loading or shutting down"),
+        (504, "generation took longer than GUARD_REQUEST_TIMEOUT_S"),
+    )
+}
+STREAMABLE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "JSON, or server-sent events when stream is true",
+          "content": {"application/json": {}, "text/event-stream": {}}},
+}  # fmt: skip
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 ops = APIRouter()
 
 
@@ -30,14 +51,14 @@ def _started(request: Request) -> float:
     return float(getattr(request.state, "started", 0.0))
 
 
-@v1.post("/chat/completions")
+@v1.post("/chat/completions", responses=STREAMABLE)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, services: ServicesDep, rid: RequestIdDep
 ) -> Response:
     return await respond(services, prepare_chat(services, body, rid, _started(request)))
 
 
-@v1.post("/completions")
+@v1.post("/completions", responses=STREAMABLE)
 async def completions(
     body: CompletionRequest, request: Request, services: ServicesDep, rid: RequestIdDep
 ) -> Response:
@@ -66,7 +87,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@ops.get("/readyz")
+@ops.get("/readyz", responses={503: ERROR_RESPONSES[503]})
 async def readyz(services: ServicesDep) -> JSONResponse:
     if services.draining:
         raise APIError(503, "shutting down", type="service_unavailable", code="shutting_down")
@@ -84,6 +105,6 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     )
 
 
-@ops.get("/metrics")
+@ops.get("/metrics", response_class=PlainTextResponse)
 async def metrics(services: ServicesDep) -> Response:
     return PlainTextResponse(generate_latest(services.registry), media_type=CONTENT_TYPE_LATEST)
