@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -224,4 +225,20 @@ def create_app(
     app.include_router(routes.v1)
     app.include_router(routes.ops)
     app.include_router(ui.router)  # the browser playground at /ui (guard/api/ui.py)
+    _document_400s(app)
     return app
+
+
+def _document_400s(app: FastAPI) -> None:
+    """Drop FastAPI's 422 from /openapi.json: validation errors are 400s here
+    (documented by the routers with OpenAI's error body)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
