@@ -38,6 +38,9 @@ REQUIRED_ALERTS = {
     "HGuardRiskDriftTail",
     "HGuardLatencySLOFastBurn",
     "HGuardLatencySLOSlowBurn",
+    "HGuardServingUnguarded",
+    "HGuardHighErrorRate",
+    "HGuardShedding",
 }
 
 
