@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from guard.probe import STAT_NAMES, load_probe
-from probes.build import build
+from probes.build import BuildConfig, build
 from probes.evaluate import EvaluateConfig, ScoredAnswers, build_report, evaluate_probe
 from probes.metrics import (
     BASELINE_SIGNS,
@@ -90,7 +90,9 @@ def _scored(n: int = 500, seed: int = 0) -> ScoredAnswers:
     return ScoredAnswers(y, risk, logit, logit, stats)
 
 
-def test_baselines_are_oriented_higher_means_hallucination(tmp_path: Path) -> None:
+def test_baselines_are_oriented_higher_means_hallucination(
+    tiny_probe: tuple[BuildConfig, str],
+) -> None:
     assert BASELINE_SIGNS == {
         "length": 1.0,
         "mean_logprob": -1.0,
@@ -99,15 +101,14 @@ def test_baselines_are_oriented_higher_means_hallucination(tmp_path: Path) -> No
         "max_entropy": 1.0,
     }
     scored = _scored()
-    probe = _probe_stub(tmp_path)
-    report = build_report(scored, probe)
+    report = build_report(scored, load_probe(tiny_probe[0].out))
     assert report["metrics"]["mean_logprob"]["auroc"] > 0.75
     assert report["metrics"]["max_entropy"]["auroc"] > 0.65
     assert report["best_baseline"] == "mean_logprob"
 
 
-def test_report_contract(tmp_path: Path) -> None:
-    report = build_report(_scored(), _probe_stub(tmp_path))
+def test_report_contract(tiny_probe: tuple[BuildConfig, str]) -> None:
+    report = build_report(_scored(), load_probe(tiny_probe[0].out))
     assert report["n"] == 500 and 0 < report["hallucinated"] < 500
     for name in ("probe", "cett_only", *BASELINE_SIGNS):
         metrics = report["metrics"][name]
@@ -127,15 +128,10 @@ def test_score_metrics_refuses_nan_scores() -> None:
         score_metrics(np.array([0, 1]), np.array([0.1, np.nan]), calibrated=False)
 
 
-def _probe_stub(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A real, tiny probe artifact (thresholds and stacker are all the report needs)."""
-    global _TINY
-    if "_TINY" not in globals():
-        _TINY = _tiny_probe(tmp_path)
-    return load_probe(_TINY[0].out)
-
-
-def _tiny_probe(root: Path):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module")
+def tiny_probe(tmp_path_factory: pytest.TempPathFactory) -> tuple[BuildConfig, str]:
+    """A real artifact for a tiny random model (its thresholds and stacker feed the report)."""
+    root = tmp_path_factory.mktemp("tiny_eval")
     model_dir = save_tiny_model(root / "model")
     dataset = write_questions(model_dir, root / "qa.jsonl")
     config = tiny_build_config(model_dir, dataset, root / "probe")
@@ -143,8 +139,10 @@ def _tiny_probe(root: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("split", ["all", "test"])
-def test_evaluate_cli_contract_on_a_tiny_model(tmp_path: Path, split: str) -> None:
-    config, sha = _tiny_probe(tmp_path)
+def test_evaluate_cli_contract_on_a_tiny_model(
+    tiny_probe: tuple[BuildConfig, str], tmp_path: Path, split: str
+) -> None:
+    config, sha = tiny_probe
     out = tmp_path / "eval" / "report.json"
     report = evaluate_probe(
         EvaluateConfig(
