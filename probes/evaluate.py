@@ -165,6 +165,7 @@ class EvaluateConfig(BaseModel):
     split: Literal["train", "val", "test", "all"] = "all"
     batch_size: int = Field(default=32, ge=1)
     model: str | None = None  # default: manifest.training["model_spec"] or "smollm2"
+    answers: Path | None = None  # answers JSONL to reuse/extend (default: next to ``out``)
     seed: int = 0
 
 
@@ -222,7 +223,7 @@ def evaluate_probe(config: EvaluateConfig) -> dict[str, Any]:
         items = [item for item in items if split_of(item.id) == config.split]
     items = items[: config.limit] if config.limit is not None else items
     config.out.parent.mkdir(parents=True, exist_ok=True)
-    answers_path = config.out.with_name(config.out.stem + ".answers.jsonl")
+    answers_path = config.answers or config.out.with_name(config.out.stem + ".answers.jsonl")
     records = collect_answers(
         loaded, items, answers_path, probe.manifest.prompt, batch_size=config.batch_size
     )
