@@ -43,7 +43,7 @@ from guard.scoring import AnswerStats, RiskScorer, RunningStats, logit_statistic
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request decodes. ``temperature == 0`` is greedy; ``abort`` enables the
-    policy's mid-answer abort (streams)."""
+    policy's mid-answer abort (streams); ``ignore_eos`` forces ``max_tokens`` tokens."""
 
     max_tokens: int = 256
     temperature: float = 1.0
@@ -51,6 +51,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     abort: bool = False
+    ignore_eos: bool = False  # never sample an end token (benchmarks: a fixed answer length)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -178,7 +179,9 @@ class _Row:
             if self.done:
                 return
         next_id = int(values[0])
-        if next_id in self.engine.end_ids:
+        if next_id < 0:  # the final pass sampled nothing (cannot happen before max_tokens)
+            self.finish("length")
+        elif next_id in self.engine.end_ids:
             self.finish("stop")
         else:
             self.pending = (next_id, float(values[1]), float(values[2]))
@@ -246,8 +249,16 @@ def layer_shares(
     }
 
 
-def sample_next(raw: torch.Tensor, rows: Sequence[_Row]) -> torch.Tensor:
+def sample_next(
+    raw: torch.Tensor, rows: Sequence[_Row], end_ids: frozenset[int] = frozenset()
+) -> torch.Tensor:
     """Next token per row from raw logits ``[batch, vocab]``: greedy or sampled. ``[batch]``."""
+    forced = [i for i, row in enumerate(rows) if row.params.ignore_eos]
+    if forced and end_ids:
+        raw = raw.clone()
+        raw[
+            torch.as_tensor(forced)[:, None], torch.as_tensor(sorted(end_ids))[None, :]
+        ] = -torch.inf
     chosen = raw.argmax(dim=-1)
     for i, row in enumerate(rows):
         params = row.params
@@ -315,64 +326,104 @@ def decode_batch(
     """Decode ``requests`` together; every request's sink gets its tokens and one result."""
     if not requests:
         return
-    model = engine.model
-    device = next(model.parameters()).device
-    rows = [_make_row(engine, request, device) for request in requests]
-    scorer = engine.scorer
+    decoder = _BatchDecoder(engine, requests, on_step)
     capture: contextlib.AbstractContextManager[NeuronCapture | None] = contextlib.nullcontext()
-    scoring = None
-    if scorer is not None:
-        capture = NeuronCapture(model, scorer.neuron_selection(), layers=engine.mlp_layers)
-        scoring = _Scoring(scorer, device)
-    input_ids, mask = left_pad([r.prompt_ids for r in requests], engine.pad_id)
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = position_ids_for(mask)[:, -1:]
-    cache = DynamicCache()
-    cache_kw = cache_argument(model)
-    with torch.inference_mode(), capture as active_capture:
-        logits = model(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids_for(mask),
-            **{cache_kw: cache}, use_cache=True, logits_to_keep=1,
-        ).logits[:, -1, :]  # fmt: skip
-        if active_capture is not None:
-            active_capture.pop_chunks()  # prompt positions: not response tokens
-        live = rows
+    if engine.scorer is not None:
+        capture = NeuronCapture(
+            engine.model, engine.scorer.neuron_selection(), layers=engine.mlp_layers
+        )
+    with torch.inference_mode(), capture as active:
+        decoder.run(active)
+
+
+class _BatchDecoder:
+    """The state of one batched decode: live rows, attention mask, positions, KV cache."""
+
+    def __init__(
+        self,
+        engine: DecodeEngine,
+        requests: Sequence[GenerationRequest],
+        on_step: Callable[[StepInfo], None] | None,
+    ) -> None:
+        self.engine = engine
+        self.model = engine.model
+        self.device = next(self.model.parameters()).device
+        self.live = [_make_row(engine, request, self.device) for request in requests]
+        self.on_step = on_step
+        self.scoring = _Scoring(engine.scorer, self.device) if engine.scorer else None
+        self.cache = DynamicCache()
+        self.cache_kw = cache_argument(self.model)
+        input_ids, self.mask = left_pad([r.prompt_ids for r in requests], engine.pad_id)
+        self.input_ids, self.mask = input_ids.to(self.device), self.mask.to(self.device)
+        self.positions = position_ids_for(self.mask)
+
+    def run(self, capture: NeuronCapture | None) -> None:
+        logits: torch.Tensor | None = self._forward(self.input_ids, last=False)
+        if capture is not None:
+            capture.pop_chunks()  # prompt positions: not response tokens
+        self.positions = self.positions[:, -1:]
         while True:
-            next_ids = sample_next(logits, live)
-            started = time.perf_counter()
-            parts = [next_ids.double()[:, None]]
-            if active_capture is not None and scoring is not None:
-                logprob, entropy = logit_statistics(logits, next_ids)
-                parts += [logprob.double()[:, None], entropy.double()[:, None]]
-                if live[0].pending is not None:
-                    parts.append(scoring.measure(active_capture.pop_chunks()).double())
-            else:  # unguarded: no statistics needed
-                parts.append(torch.zeros((len(live), 2), dtype=torch.float64, device=device))
-            values = torch.cat(parts, dim=1).tolist()  # the step's one host sync
-            scored = sum(row.pending is not None for row in live)
-            for row, row_values in zip(live, values, strict=True):
-                if not row.done:
-                    row.accept(row_values)
-            if on_step is not None:
-                seconds = time.perf_counter() - started
-                on_step(StepInfo(len(live), scored, seconds))
-            for row in live:
-                if not row.done and row.request.sink.cancelled():
-                    row.finish("cancelled")
-            keep = [i for i, row in enumerate(live) if not row.done]
-            if not keep:
+            self._advance(self._step_values(logits, capture))
+            if not self._prune():
                 return
-            if len(keep) < len(live):
-                index = torch.as_tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                mask, positions = mask[index], positions[index]
-                live = [live[i] for i in keep]
-            step_ids = torch.as_tensor(
-                [[row.pending[0] for row in live if row.pending]], device=device
-            )
-            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
-            positions = positions + 1
-            logits = model(
-                input_ids=step_ids.T, attention_mask=mask, position_ids=positions,
-                **{cache_kw: cache}, use_cache=True,
-            ).logits[:, -1, :]  # fmt: skip
+            # When every live row ends with the token fed now (max_tokens), nothing is
+            # sampled after it: run the body without the LM head (no logits needed).
+            last = all(len(row.tokens) + 1 >= row.params.max_tokens for row in self.live)
+            step_ids = torch.as_tensor([[row.pending[0] for row in self.live if row.pending]])
+            self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.live), 1))], dim=1)
+            self.positions = self.positions + 1
+            logits = self._forward(step_ids.T.to(self.device), last=last)
+
+    def _forward(self, input_ids: torch.Tensor, *, last: bool) -> torch.Tensor | None:
+        kwargs = {
+            "input_ids": input_ids, "attention_mask": self.mask, "position_ids": self.positions,
+            self.cache_kw: self.cache, "use_cache": True,
+        }  # fmt: skip
+        if last:
+            self.model.base_model(**kwargs)
+            return None
+        return self.model(**kwargs, logits_to_keep=1).logits[:, -1, :]
+
+    def _step_values(
+        self, logits: torch.Tensor | None, capture: NeuronCapture | None
+    ) -> tuple[list[list[float]], float]:
+        """``[rows, 3 (+ 1 + layers)]`` on the host, and the seconds of guard work."""
+        rows = len(self.live)
+        if logits is None:
+            next_ids = torch.full((rows,), -1, dtype=torch.long, device=self.device)
+        else:
+            next_ids = sample_next(logits, self.live, self.engine.end_ids)
+        started = time.perf_counter()
+        parts = [next_ids.double()[:, None]]
+        if capture is not None and self.scoring is not None and logits is not None:
+            logprob, entropy = logit_statistics(logits, next_ids)
+            parts += [logprob.double()[:, None], entropy.double()[:, None]]
+        else:  # unguarded, or the final pass: no statistics needed
+            parts.append(torch.zeros((rows, 2), dtype=torch.float64, device=self.device))
+        if capture is not None and self.scoring is not None and self.live[0].pending is not None:
+            parts.append(self.scoring.measure(capture.pop_chunks()).double())
+        values = torch.cat(parts, dim=1).tolist()  # the step's one host sync
+        return values, time.perf_counter() - started
+
+    def _advance(self, step: tuple[list[list[float]], float]) -> None:
+        values, seconds = step
+        started = time.perf_counter()
+        scored = sum(row.pending is not None for row in self.live)
+        for row, row_values in zip(self.live, values, strict=True):
+            row.accept(row_values)
+        if self.on_step is not None:
+            seconds += time.perf_counter() - started
+            self.on_step(StepInfo(len(self.live), scored, seconds))
+        for row in self.live:
+            if not row.done and row.request.sink.cancelled():
+                row.finish("cancelled")
+
+    def _prune(self) -> bool:
+        """Drop finished rows from the batch and the cache; False when none is left."""
+        keep = [i for i, row in enumerate(self.live) if not row.done]
+        if keep and len(keep) < len(self.live):
+            index = torch.as_tensor(keep, device=self.device)
+            self.cache.batch_select_indices(index)
+            self.mask, self.positions = self.mask[index], self.positions[index]
+            self.live = [self.live[i] for i in keep]
+        return bool(keep)

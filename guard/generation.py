@@ -49,7 +49,7 @@ _UNGUARDED_POLICY = Policy(flag=1.0, abstain=1.0)
 
 
 @dataclass
-class _Collector:
+class CollectingSink:
     """A sink that keeps everything: for the blocking `GuardedModel.generate`."""
 
     on_event: Callable[[TokenEvent], None] | None = None
@@ -181,7 +181,7 @@ class GuardedModel:
         on_event: Callable[[TokenEvent], None] | None = None,
     ) -> GenerationResult:
         """Generate one answer (blocking) with its risk and decision."""
-        sink = _Collector(on_event)
+        sink = CollectingSink(on_event)
         self.generate_batch([GenerationRequest(prompt_ids, params or SamplingParams(), sink)])
         if sink.result is None:  # decode_batch always finishes every row
             raise RuntimeError("generation ended without a result")

@@ -1,0 +1,193 @@
+"""Guard overhead: tokens/s of guarded generation vs plain transformers ``generate``.
+
+Same model, same prompts, greedy, the same number of new tokens forced on both (end
+tokens suppressed), side by side in one run, at batch 1 and 32. Guarded = hooks on the
+probe's neurons, per-token risk, abort off. Plain = ``model.generate`` with no hooks.
+Runs alternate (plain, guarded, plain, ...) and the best of ``--repeats`` counts, so a
+noisy shared machine penalises neither side.
+
+    python bench/overhead.py [--quick] [--probe DIR] --out bench/results/overhead.json
+
+Writes ``{"batch_1": {"plain_tps", "guarded_tps", "ratio"}, "batch_32": {...}, ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from guard.decoding import GenerationRequest, SamplingParams  # noqa: E402
+from guard.errors import ProbeError  # noqa: E402
+from guard.generation import CollectingSink, GuardedModel  # noqa: E402
+from guard.model import LoadedModel, left_pad, load_model  # noqa: E402
+from guard.probe import (  # noqa: E402
+    PlattCalibrator,
+    Probe,
+    ProbeManifest,
+    ProbeWeights,
+    ScoringRecipe,
+    Thresholds,
+    load_probe,
+    save_probe,
+)
+
+TRIVIAQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "triviaqa" / "triviaqa.jsonl"
+
+
+def questions(count: int) -> list[str]:
+    """The first ``count`` TriviaQA questions (or fixed ones when the data is absent)."""
+    if TRIVIAQA.is_file():
+        with TRIVIAQA.open(encoding="utf-8") as handle:
+            lines = [next(handle, "") for _ in range(count)]
+        rows = [json.loads(line)["question"] for line in lines if line.strip()]
+        if len(rows) == count:
+            return rows
+    return [f"Question number {i}: what is the capital of country {i}?" for i in range(count)]
+
+
+def synthetic_probe(loaded: LoadedModel, directory: Path, per_layer: int = 20) -> Probe:
+    """A stand-in probe hooking every layer (the costliest shape) when none is given."""
+    rng = np.random.default_rng(0)
+    fp = loaded.fingerprint
+    layers = np.repeat(np.arange(fp.num_layers), per_layer)
+    neurons = np.concatenate(
+        [rng.choice(fp.mlp_width, per_layer, replace=False) for _ in range(fp.num_layers)]
+    )
+    weights = rng.normal(0, 0.1, layers.size)
+    manifest = ProbeManifest(
+        name="overhead-bench-synthetic", model_id=loaded.model_id, fingerprint=fp,
+        scoring=ScoringRecipe(calibrator=PlattCalibrator(a=1.0, b=0.0)),
+        thresholds=Thresholds(flag=0.6, abstain=0.9),
+    )  # fmt: skip
+    save_probe(directory, manifest, ProbeWeights(layers, neurons, weights, 0.0))
+    return load_probe(directory)
+
+
+def resolve_probe(spec: str | None, loaded: LoadedModel, work: Path) -> Probe:
+    if spec is not None:
+        return load_probe(spec)
+    try:
+        probe = load_probe("default")
+        probe.verify_model(loaded.fingerprint)
+        return probe
+    except ProbeError:
+        return synthetic_probe(loaded, work / "synthetic_probe")
+
+
+def plain_run(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int) -> float:
+    """Seconds for ``model.generate`` on one batch of prompts."""
+    tokenizer = loaded.tokenizer
+    input_ids, mask = left_pad(prompts, int(tokenizer.pad_token_id or 0))
+    started = time.perf_counter()
+    with torch.inference_mode():
+        loaded.model.generate(
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+    return time.perf_counter() - started
+
+
+def guarded_run(guarded: GuardedModel, prompts: list[list[int]], new_tokens: int) -> float:
+    """Seconds for guarded generation of one batch (abort off), checking every row's length."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    sinks = [CollectingSink() for _ in prompts]
+    requests = [GenerationRequest(p, params, s) for p, s in zip(prompts, sinks, strict=True)]
+    started = time.perf_counter()
+    guarded.generate_batch(requests)
+    elapsed = time.perf_counter() - started
+    for sink in sinks:
+        if sink.result is None or sink.result.completion_tokens != new_tokens:
+            raise RuntimeError("guarded generation did not produce the forced token count")
+    return elapsed
+
+
+def measure(
+    loaded: LoadedModel,
+    guarded: GuardedModel,
+    batches: list[list[list[int]]],
+    new_tokens: int,
+    repeats: int,
+) -> dict[str, float]:
+    """Best-of-``repeats`` tokens/s of each side over the same batches, alternating."""
+    tokens = sum(len(batch) for batch in batches) * new_tokens
+    plain_s: list[float] = []
+    guarded_s: list[float] = []
+    plain_run(loaded, batches[0][:1], 2)  # warm-up both paths
+    guarded_run(guarded, batches[0][:1], 2)
+    for _ in range(repeats):
+        plain_s.append(sum(plain_run(loaded, b, new_tokens) for b in batches))
+        guarded_s.append(sum(guarded_run(guarded, b, new_tokens) for b in batches))
+    plain_tps, guarded_tps = tokens / min(plain_s), tokens / min(guarded_s)
+    return {
+        "plain_tps": round(plain_tps, 3),
+        "guarded_tps": round(guarded_tps, 3),
+        "ratio": round(guarded_tps / plain_tps, 4),
+        "new_tokens": new_tokens,
+        "prompts": sum(len(b) for b in batches),
+        "repeats": repeats,
+        "plain_seconds": [round(s, 3) for s in plain_s],
+        "guarded_seconds": [round(s, 3) for s in guarded_s],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer prompts, tokens, repeats")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--probe", help="probe directory (default: shipped, else synthetic)")
+    parser.add_argument("--new-tokens", type=int)
+    parser.add_argument("--repeats", type=int)
+    args = parser.parse_args(argv)
+    new_tokens = args.new_tokens or (8 if args.quick else 32)
+    repeats = args.repeats or (1 if args.quick else 3)
+    single_prompts = 2 if args.quick else 4
+    loaded = load_model(args.model)
+    probe = resolve_probe(args.probe, loaded, args.out.parent)
+    guarded = GuardedModel(loaded, probe)
+    ask = probe.manifest.prompt.messages
+    encode = guarded.encode_chat
+    batch_1 = [[encode(ask(q))] for q in questions(single_prompts)]
+    batch_32 = [[encode(ask(q)) for q in questions(32)]]
+    result: dict[str, Any] = {
+        "batch_1": measure(loaded, guarded, batch_1, new_tokens, repeats),
+        "batch_32": measure(loaded, guarded, batch_32, new_tokens, repeats),
+        "probe": {
+            "name": probe.name,
+            "layers": len(guarded.scorer.neuron_selection()) if guarded.scorer else 0,
+            "neurons": int(np.count_nonzero(probe.weights.weights)),
+        },
+        "model": loaded.model_id,
+        "quick": args.quick,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+            "load_avg": os.getloadavg(),
+        },  # fmt: skip
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({k: result[k] for k in ("batch_1", "batch_32")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
