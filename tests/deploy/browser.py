@@ -1,7 +1,7 @@
 """Headless Debian Chromium driven by selenium through Debian's chromedriver (no browser
 or driver downloads), and the playground interaction the tests and the docs screenshot share.
 
-    python -m tests.deploy.browser http://127.0.0.1:8000 docs/playground.png "Who wrote Hamlet?"
+    python -m tests.deploy.browser http://127.0.0.1:8000 docs/playground.png "Who wrote Hamlet?" 32
 """
 
 from __future__ import annotations
@@ -88,8 +88,13 @@ def page_state(driver: webdriver.Chrome) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     base, out, question = argv[0], Path(argv[1]), argv[2]
+    max_tokens = argv[3] if len(argv) > 3 else ""
     with chromium() as driver:
-        ask(driver, base, question)
+        driver.get(f"{base}/ui")
+        driver.execute_script(
+            f"document.getElementById('max-tokens').value = '{int(max_tokens or 0) or ''}';"
+        )
+        ask(driver, base, question, timeout_s=600, reload=False)
         driver.save_screenshot(str(out))
         print(page_state(driver))
     return 0

@@ -45,15 +45,18 @@ def wait_until_ok(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s: {last}")
 
 
-def tiny_app(probe_dir: Path) -> FastAPI:
+def tiny_app(probe_dir: Path | None) -> FastAPI:
     """The real app around a tiny random Llama and a planted probe (validation quantiles
-    0.5 -> 0.4 and 0.9 -> 0.8 in its manifest)."""
+    0.5 -> 0.4 and 0.9 -> 0.8 in its manifest); ``None``: unguarded, no probe."""
     loaded = tiny_loaded()
-    write_probe(probe_dir, loaded, flag=0.5, abstain=0.8)
+    if probe_dir is not None:
+        write_probe(probe_dir, loaded, flag=0.5, abstain=0.8)
     settings = GuardSettings(
-        probe=str(probe_dir), served_model_name=SERVED_NAME, max_new_tokens=24, max_batch=4
-    )
-    return create_app(settings, guarded=GuardedModel(loaded, load_probe(probe_dir)))
+        probe=str(probe_dir or "none"), served_model_name=SERVED_NAME, max_new_tokens=24,
+        max_batch=4, allow_unguarded=probe_dir is None,
+    )  # fmt: skip
+    probe = load_probe(probe_dir) if probe_dir is not None else None
+    return create_app(settings, guarded=GuardedModel(loaded, probe))
 
 
 class _ThreadServer(uvicorn.Server):

@@ -76,3 +76,12 @@ def test_an_api_error_is_shown_not_swallowed(guard: str) -> None:
         with pytest.raises(AssertionError, match="max_tokens 4000 exceeds"):
             ask(driver, guard, QUESTION, reload=False)
         assert page_state(driver)["badge"] == "no verdict"
+
+
+def test_an_unguarded_server_is_shown_as_such() -> None:
+    with serve(tiny_app(None)) as base, chromium() as driver:
+        ask(driver, base, QUESTION)
+        shown = page_state(driver)
+    assert shown["badge"] == "unguarded" and shown["tokens"]
+    assert all(t["color"] == "rgba(0, 0, 0, 0)" for t in shown["tokens"])  # nothing shaded
+    assert shown["layers"] == []

@@ -72,11 +72,12 @@ function renderAnswer() {
   let scored = "";
   state.tokens.forEach((token, i) => {
     const span = document.createElement("span");
-    span.className = "tok";
+    const scoredToken = typeof token.risk === "number";
+    span.className = scoredToken ? "tok" : "tok unscored";  // unguarded servers send no risk
     span.textContent = token.text;
-    span.style.backgroundColor = riskColor(token.risk);
-    span.title = `token ${i + 1}: risk ${fmt(token.risk)}`;
-    span.dataset.risk = String(token.risk);
+    if (scoredToken) span.style.backgroundColor = riskColor(token.risk);
+    span.title = scoredToken ? `token ${i + 1}: risk ${fmt(token.risk)}` : `token ${i + 1}`;
+    span.dataset.risk = scoredToken ? String(token.risk) : "";
     parts.push(span);
     scored += token.text;
   });
@@ -134,6 +135,7 @@ function renderLayers(layers) {
     return column;
   });
   box.replaceChildren(...bars);
+  box.classList.toggle("empty", !bars.length);
   if (!bars.length) box.textContent = "no layer shares in this response";
 }
 
@@ -141,7 +143,9 @@ function renderVerdict(guard, finishReason) {
   const verdict = $("verdict");
   const decision = guard.decision || "none";
   verdict.dataset.decision = decision;
-  $("decision").textContent = guard.aborted ? `${decision} (stopped mid-answer)` : decision;
+  verdict.dataset.guarded = String(guard.guarded !== false);
+  $("decision").textContent = guard.guarded === false ? "unguarded"
+    : guard.aborted ? `${decision} (stopped mid-answer)` : decision;
   renderRisk(guard.risk);
   renderThresholds(guard.thresholds);
   if (guard.probe) $("probe").textContent = `${guard.probe.name} · ${String(guard.probe.sha256 || "").slice(0, 12)}`;
@@ -205,6 +209,7 @@ function reset() {
   $("answer").dataset.state = "empty";
   $("note").textContent = "";
   $("verdict").dataset.decision = "none";
+  $("verdict").dataset.guarded = "true";
   $("decision").textContent = "answering…";
   $("layers").replaceChildren();
   renderRisk(0);
