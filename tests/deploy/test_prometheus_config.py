@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -109,3 +110,12 @@ def test_prometheusrule_carries_exactly_the_rule_groups_of_rules_yml(tmp_path: P
     extracted = tmp_path / "prometheusrule.rules.yml"
     extracted.write_text(yaml.safe_dump({"groups": groups}))
     run([tool("promtool"), "check", "rules", str(extracted)])
+
+
+def test_drift_alerts_use_quantiles_the_probe_builder_stores() -> None:
+    from probes.calibration import QUANTILES
+
+    exprs = "\n".join(rule_exprs(load_yaml(RULES)["groups"]))
+    used = set(re.findall(r'hguard_probe_validation_risk_quantile\{quantile="([^"]+)"\}', exprs))
+    assert used == {"0.5", "0.9"}
+    assert used <= set(QUANTILES), "the probe manifest would not carry these quantiles"
