@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from guard.errors import GuardError
 from guard.model import LoadedModel, encode_chats, end_token_ids, left_pad
@@ -94,7 +95,11 @@ def collect_answers(
     }
     _check_setup(out_path, setup)
     wanted = {item.id for item in items}
-    done = {rid: rec for rid, rec in read_answers(out_path, repair=True).items() if rid in wanted}
+    done = {
+        rid: rejudge(loaded.tokenizer, record)  # labels always follow the current judge
+        for rid, record in read_answers(out_path, repair=True).items()
+        if rid in wanted
+    }
     todo = [item for item in items if item.id not in done]
     if done:
         log.info(
@@ -246,27 +251,44 @@ def _record(
 ) -> AnswerRecord:
     tokenizer = loaded.tokenizer
     response_ids, stopped = greedy
-    response = str(tokenizer.decode(response_ids, skip_special_tokens=True))
-    verdict = judge(response, item.answers)
-    span = (
-        answer_token_span(tokenizer, response_ids, verdict.char_span) if verdict.correct else None
-    )
-    sample_records = []
-    for ids, _ in sampled:
-        text = str(tokenizer.decode(ids, skip_special_tokens=True))
-        sample_records.append(SampleRecord(text=text, correct=judge(text, item.answers).correct))
-    return AnswerRecord(
+    record = AnswerRecord(
         id=item.id,
         question=item.question,
         answers=item.answers,
         split=split_of(item.id),
         prompt_ids=prompt_ids,
         response_ids=response_ids,
-        response=response,
+        response=str(tokenizer.decode(response_ids, skip_special_tokens=True)),
         stopped=stopped,
-        correct=verdict.correct,
-        alias=verdict.alias,
-        span=span,
-        samples=sample_records,
-        consistent=all(s.correct == verdict.correct for s in sample_records),
+        correct=False,
+        alias=None,
+        span=None,
+        samples=[
+            SampleRecord(text=str(tokenizer.decode(ids, skip_special_tokens=True)), correct=False)
+            for ids, _ in sampled
+        ],
+    )
+    return rejudge(tokenizer, record)
+
+
+def rejudge(tokenizer: PreTrainedTokenizerBase, record: AnswerRecord) -> AnswerRecord:
+    """``record`` with its verdict, answer span and sample verdicts from the judge."""
+    verdict = judge(record.response, record.answers, record.question)
+    span = (
+        answer_token_span(tokenizer, record.response_ids, verdict.char_span)
+        if verdict.correct
+        else None
+    )
+    samples = [
+        SampleRecord(text=s.text, correct=judge(s.text, record.answers, record.question).correct)
+        for s in record.samples
+    ]
+    return record.model_copy(
+        update={
+            "correct": verdict.correct,
+            "alias": verdict.alias,
+            "span": span,
+            "samples": samples,
+            "consistent": all(s.correct == verdict.correct for s in samples),
+        }
     )

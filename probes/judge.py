@@ -88,18 +88,24 @@ def normalize_answer(text: str) -> str:
     return " ".join(word.text for word in _words(text))
 
 
-def judge(response: str, aliases: list[str]) -> Judgement:
+def judge(response: str, aliases: list[str], question: str | None = None) -> Judgement:
     """Is a gold alias in the response (normalised, on word boundaries)? Longest alias wins.
 
     Aliases that normalise to nothing are ignored; no usable alias or an empty response
     is incorrect. Among equally long aliases the earliest match in the response wins.
+    With ``question``, aliases that occur in the question are ignored too: repeating the
+    question ("The Georgia Peach was ...") is not answering it. TriviaQA's alias lists
+    hold many such entries (on 1,707 SmolLM2 answers, 84 of 278 "correct" verdicts
+    were only that), and they would label hallucinations as faithful.
     """
     words = _words(response)
     texts = [word.text for word in words]
+    asked = _words(question) if question else []
+    asked_texts = [word.text for word in asked]
     best: tuple[int, int, int, str] | None = None  # (-length, position, n_words, alias)
     for alias in {normalize_answer(a) for a in aliases}:
         needle = alias.split()
-        if not needle:
+        if not needle or (asked_texts and _find(asked_texts, needle) is not None):
             continue
         position = _find(texts, needle)
         if position is None:

@@ -64,7 +64,7 @@ def test_records_follow_the_contract(loaded: LoadedModel, tmp_path: Path) -> Non
         assert record.response == loaded.tokenizer.decode(
             record.response_ids, skip_special_tokens=True
         )
-        verdict = judge(record.response, item.answers)
+        verdict = judge(record.response, item.answers, item.question)
         assert (record.correct, record.alias) == (verdict.correct, verdict.alias)
         assert (record.span is not None) == record.correct
         assert record.samples == [] and record.consistent
@@ -165,3 +165,14 @@ def test_samples_are_judged_and_seeded(loaded: LoadedModel, tmp_path: Path) -> N
 def test_bad_arguments(loaded: LoadedModel, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="batch_size"):
         collect_answers(loaded, make_items(), tmp_path / "a.jsonl", RECIPE, batch_size=0)
+
+
+def test_resumed_records_are_judged_again(loaded: LoadedModel, tmp_path: Path) -> None:
+    """Labels follow the current judge, whatever judged the file when it was written."""
+    items = make_items()[:3]
+    out = tmp_path / "a.jsonl"
+    first = collect_answers(loaded, items, out, RECIPE, batch_size=3)
+    stale = [r.model_copy(update={"correct": not r.correct, "span": None}) for r in first]
+    out.write_text("".join(r.model_dump_json() + "\n" for r in stale), encoding="utf-8")
+    again = collect_answers(loaded, items, out, RECIPE, batch_size=3)
+    assert again == first

@@ -117,3 +117,14 @@ def test_answer_token_span_none_without_match() -> None:
     ids = tokenizer("Paris", add_special_tokens=False)["input_ids"]
     assert answer_token_span(tokenizer, ids, None) is None
     assert answer_token_span(tokenizer, [], (0, 3)) is None
+
+
+def test_aliases_that_only_repeat_the_question_do_not_count() -> None:
+    aliases = ["Ty Cobb", "Georgia Peach", "Cobb"]
+    question = "Who was the Georgia Peach?"
+    assert judge("The Georgia Peach was an American artist.", aliases).correct  # plain rule
+    assert not judge("The Georgia Peach was an American artist.", aliases, question).correct
+    verdict = judge("The Georgia Peach was Ty Cobb.", aliases, question)
+    assert verdict.correct and verdict.alias == "ty cobb"
+    # Words of the alias elsewhere in the question do not drop it: only the whole alias.
+    assert judge("It is Baghdad.", ["Baghdad"], "What is the capital of Iraq?").correct
