@@ -18,11 +18,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-DATASETS = {
+DATASETS: dict[str, tuple[Path, Literal["test", "all"]]] = {
     "triviaqa_test": (DATA / "triviaqa" / "triviaqa.jsonl", "test"),
     "nq_open_dev": (DATA / "nq_open" / "nq_open_dev.jsonl", "all"),
 }
@@ -81,11 +81,45 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def from_features(args: argparse.Namespace) -> dict[str, Any]:
+    """Reports from feature stores already extracted by the build (no generation).
+
+    Same answers, same `RiskScorer` as the live path (tests/probes/test_build.py checks
+    that the two agree); ``--limit`` takes the first N answers of each set.
+    """
+    import numpy as np
+
+    from guard.probe import load_probe
+    from probes.evaluate import build_report, score_store
+    from probes.extract import FeatureStore
+    from probes.train import split_rows
+
+    probe = load_probe(args.probe)
+    reports: dict[str, Any] = {}
+    for name, directory in (
+        ("triviaqa_test", args.features_triviaqa),
+        ("nq_open_dev", args.features_nq),
+    ):
+        if directory is None:
+            continue
+        store = FeatureStore(directory)
+        if name == "triviaqa_test":
+            rows = split_rows(store, "test")
+        else:
+            rows = np.flatnonzero(np.asarray(store.meta["length"]) > 0)
+        rows = rows[: args.limit] if args.limit else rows
+        report = build_report(score_store(probe, store, rows), probe)
+        report["source"] = f"stored features {directory} (answers collected by the build)"
+        report["probe"] = {"name": probe.name, "sha256": probe.manifest_sha256}
+        reports[name] = report
+    return reports
+
+
+def from_generation(args: argparse.Namespace) -> dict[str, Any]:
+    """Fresh greedy answers through ``hguard probes evaluate`` for each dataset."""
     from probes.evaluate import EvaluateConfig, evaluate_probe
 
     out: Path = args.out
-    started = time.perf_counter()
     reports: dict[str, Any] = {}
     for name, (dataset, split) in DATASETS.items():
         answers = (args.answers_dir or out.parent) / f"{out.stem}.{name}.answers.jsonl"
@@ -99,9 +133,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             answers=answers,
         )
         reports[name] = evaluate_probe(config)
+    return reports
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    out: Path = args.out
+    started = time.perf_counter()
+    stored = args.features_triviaqa is not None or args.features_nq is not None
+    reports = from_features(args) if stored else from_generation(args)
     summary = {name: summarize(report) for name, report in reports.items()}
     result = {
-        "probe": reports["triviaqa_test"]["probe"],
+        "probe": next(iter(reports.values()))["probe"],
+        "mode": "stored features" if stored else "fresh generation",
         "limit": args.limit,
         "wall_s": time.perf_counter() - started,
         "summary": summary,
@@ -120,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", default="default", help="probe directory or 'default'")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--answers-dir", type=Path, help="where answer files live (resumable)")
+    parser.add_argument("--features-triviaqa", type=Path, help="score a build's stored features")
+    parser.add_argument("--features-nq", type=Path, help="stored NQ-open features (same model)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
