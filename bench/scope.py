@@ -1,0 +1,140 @@
+"""Scope check: how often does the guard flag or abstain on prompts that are not factual
+questions (chit-chat, creative writing, code, instructions) and on long answers?
+
+The probe is trained on short factual answers; a guard that abstains on "write a haiku
+about autumn" is broken. Target (issue 6): at most 10% of these answers flagged or
+abstained. Prompts are sent as a user would send them (chat template, no "answer in a
+few words" instruction), greedy, as the server would generate them.
+
+    python bench/scope.py --out bench/results/scope.json [--probe default] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from guard.decoding import GenerationRequest, SamplingParams, TokenEvent
+from guard.generation import GuardedModel
+from guard.results import GenerationResult
+
+PROMPTS = Path(__file__).parent / "data" / "scope_prompts.jsonl"
+TARGET_FLAGGED = 0.10
+
+
+@dataclass
+class _Sink:
+    result: GenerationResult | None = None
+    events: list[TokenEvent] = field(default_factory=list)
+
+    def on_token(self, event: TokenEvent) -> None:
+        self.events.append(event)
+
+    def on_finish(self, result: GenerationResult) -> None:
+        self.result = result
+
+    def cancelled(self) -> bool:
+        return False
+
+
+def run(guarded: GuardedModel, rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict]:
+    """Generate every prompt (batched) and return one verdict per prompt."""
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(rows), args.batch_size):
+        batch = rows[start : start + args.batch_size]
+        sinks = [_Sink() for _ in batch]
+        requests = []
+        for row, sink in zip(batch, sinks, strict=True):
+            max_tokens = args.long_max_tokens if row["long"] else args.max_tokens
+            prompt = guarded.encode_chat([{"role": "user", "content": row["prompt"]}])
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+            requests.append(GenerationRequest(prompt, params, sink))
+        guarded.generate_batch(requests)
+        for row, sink in zip(batch, sinks, strict=True):
+            result = sink.result
+            if result is None:
+                raise RuntimeError(f"no result for {row['id']}")
+            out.append(
+                {
+                    "id": row["id"],
+                    "category": row["category"],
+                    "risk": result.risk,
+                    "decision": result.decision.value,
+                    "tokens": len(result.tokens),
+                    "answer": result.text[:200],
+                }
+            )
+    return out
+
+
+def summarise(verdicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Flag/abstain rates and risk quantiles per category and over all prompts."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for verdict in verdicts:
+        groups[verdict["category"]].append(verdict)
+    groups["all"] = list(verdicts)
+    summary = {}
+    for name, members in groups.items():
+        risks = np.array([m["risk"] for m in members], dtype=np.float64)
+        decisions = [m["decision"] for m in members]
+        summary[name] = {
+            "n": len(members),
+            "flag_rate": decisions.count("flag") / len(members),
+            "abstain_rate": decisions.count("abstain") / len(members),
+            "flagged_or_abstained_rate": sum(d != "pass" for d in decisions) / len(members),
+            "mean_risk": float(risks.mean()),
+            "p90_risk": float(np.quantile(risks, 0.9)),
+            "mean_tokens": float(np.mean([m["tokens"] for m in members])),
+        }
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--probe", default="default")
+    parser.add_argument("--model", default=None, help="default: the probe's model")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--long-max-tokens", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+
+    rows = [json.loads(line) for line in PROMPTS.read_text(encoding="utf-8").splitlines()]
+    guarded = GuardedModel.from_spec(args.model, args.probe)
+    started = time.perf_counter()
+    verdicts = run(guarded, rows, args)
+    summary = summarise(verdicts)
+    flagged = summary["all"]["flagged_or_abstained_rate"]
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+        "model": guarded.model_id,
+        "probe": guarded.info.describe(),
+        "max_tokens": args.max_tokens,
+        "long_max_tokens": args.long_max_tokens,
+        "seconds": round(time.perf_counter() - started, 1),
+        "target_flagged_or_abstained_at_most": TARGET_FLAGGED,
+        "target_met": flagged <= TARGET_FLAGGED,
+        "summary": summary,
+        "verdicts": verdicts,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    for name, row in summary.items():
+        print(
+            f"{name:14s} n={row['n']:3d} flagged+abstained={row['flagged_or_abstained_rate']:.2f}"
+            f" mean risk={row['mean_risk']:.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
