@@ -88,7 +88,7 @@ def validation_scores(
     """Stacked scores ``z`` of validation answers ``[n]``."""
     feats = store.load("resp_mean", rows=rows, columns=fit.fit.columns)
     stats = stats_matrix(dict(store.meta), rows)
-    return apply_stacker(stacker, fit.fit.decision(feats, None), stats)
+    return apply_stacker(stacker, fit.fit.probe_logit(feats), stats)
 
 
 def train_served_probe(store: FeatureSource, config: TrainConfig) -> TrainedProbe:

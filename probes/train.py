@@ -101,6 +101,10 @@ class LinearFit:
     estimator: Any = None  # (scaler, LogisticRegression, screened columns) for analysis
     stat_weights: np.ndarray | None = None  # hybrid: raw weights of the STAT_NAMES columns
 
+    def probe_logit(self, features: np.ndarray) -> np.ndarray:
+        """The CETT part only (what the runtime's ``s_t`` averages to): ``[n, k]`` -> ``[n]``."""
+        return np.asarray(features, dtype=np.float64) @ self.weights + self.bias
+
     def decision(self, features: np.ndarray, stats: np.ndarray | None = None) -> np.ndarray:
         """Logits from rows of *these columns* ``[n, k]`` (and ``[n, 5]`` stats if hybrid)."""
         out = np.asarray(features, dtype=np.float64) @ self.weights + self.bias

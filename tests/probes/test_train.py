@@ -193,3 +193,33 @@ def test_unreachable_goal_is_reported_not_met() -> None:
     goal = threshold_for_gain(risk, y, 2.0)
     assert goal["met"] is False
     assert goal["threshold"] == 1.0
+
+
+def test_hybrid_served_score_equals_the_fitted_hybrid_model() -> None:
+    from pathlib import Path
+
+    from guard.model import ModelFingerprint
+    from guard.probe import Probe, ProbeManifest, ScoringRecipe, Thresholds
+    from probes.assemble import train_served_probe
+    from probes.evaluate import score_store
+
+    store = PlantedStore()
+    trained = train_served_probe(store, TrainConfig(penalty="l2", features="hybrid", **FAST))
+    assert trained.stacker is not None and trained.stacker.probe_coef == 1.0
+    fingerprint = ModelFingerprint(
+        architecture="x", num_layers=store.num_layers, mlp_width=store.width, down_proj_sha256="0"
+    )
+    manifest = ProbeManifest(
+        name="hybrid",
+        model_id="x",
+        fingerprint=fingerprint,
+        scoring=ScoringRecipe(stacker=trained.stacker, calibrator=trained.calibrator),
+        thresholds=Thresholds(flag=0.5, abstain=0.9),
+    )
+    rows = split_rows(store, "test")
+    scored = score_store(Probe(manifest, trained.weights, Path("."), ""), store, rows)
+    fit = trained.fit.fit
+    expected = fit.decision(
+        store.load("resp_mean", rows=rows, columns=fit.columns), stats_matrix(store.meta, rows)
+    )
+    np.testing.assert_allclose(scored.z, expected, rtol=1e-5, atol=1e-5)
