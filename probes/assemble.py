@@ -79,7 +79,9 @@ def served_stacker(config: TrainConfig, fit: ProbeFit, store: FeatureSource) -> 
     if not config.stacker:
         return None
     stats = stats_matrix(dict(store.meta), fit.train_rows)
-    return fit_stacker(fit.oof_logits, stats, fit.train_labels)
+    return fit_stacker(
+        fit.oof_logits, stats, fit.train_labels, config.stacker_c, config.stacker_stats
+    )
 
 
 def validation_scores(

@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from guard.probe import (
     IsotonicCalibrator,
     PlattCalibrator,
     Stacker,
+    StatName,
     Thresholds,
 )
 
@@ -43,14 +44,19 @@ def stats_matrix(meta: Mapping[str, np.ndarray], rows: np.ndarray) -> np.ndarray
 
 
 def fit_stacker(
-    probe_logits: np.ndarray | None, stats: np.ndarray, labels: np.ndarray, c: float = 1.0
+    probe_logits: np.ndarray | None,
+    stats: np.ndarray,
+    labels: np.ndarray,
+    c: float = 1.0,
+    names: Sequence[StatName] = STAT_NAMES,
 ) -> Stacker:
-    """L2 logistic regression on [probe logit, stats], folded into raw units.
+    """L2 logistic regression on [probe logit, stats ``names``], folded into raw units.
 
-    ``probe_logits=None`` fits the statistics alone (``probe_coef = 0``): the free
-    baseline stack that the served score is compared with.
+    ``stats`` ``[n, 5]`` in `STAT_NAMES` order. ``probe_logits=None`` fits the statistics
+    alone (``probe_coef = 0``): the free baseline stack the served score is compared with.
     """
-    cols = [stats] if probe_logits is None else [probe_logits[:, None], stats]
+    picked = stats[:, [STAT_NAMES.index(name) for name in names]]
+    cols = [picked] if probe_logits is None else [probe_logits[:, None], picked]
     x = np.concatenate(cols, axis=1).astype(np.float64)
     scaler = StandardScaler().fit(x)
     model = LogisticRegression(C=c, l1_ratio=0.0, class_weight="balanced", max_iter=5000)
@@ -62,7 +68,7 @@ def fit_stacker(
     stat_coef = raw if probe_logits is None else raw[1:]
     return Stacker(
         probe_coef=probe_coef,
-        coef={name: float(v) for name, v in zip(STAT_NAMES, stat_coef, strict=True)},
+        coef={name: float(v) for name, v in zip(names, stat_coef, strict=True)},
         intercept=intercept,
     )
 

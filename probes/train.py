@@ -29,7 +29,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 from guard.errors import GuardError
-from guard.probe import ProbeWeights
+from guard.probe import STAT_NAMES, ProbeWeights, StatName
 from probes.calibration import stats_matrix
 from probes.metrics import auroc
 
@@ -74,6 +74,8 @@ class TrainConfig(BaseModel):
     consistency_filter: bool = False
     screen_top_k: int | None = Field(default=4000, ge=1)
     stacker: bool = True
+    stacker_stats: list[StatName] = Field(default_factory=lambda: list(STAT_NAMES))
+    stacker_c: float = Field(default=1.0, gt=0)
     calibrator: Literal["platt", "isotonic"] = "platt"
     flag_accuracy_gain: float = Field(default=3.0, gt=1.0)
     abstain_accuracy_gain: float = Field(default=2.0, gt=1.0)
