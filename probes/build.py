@@ -167,7 +167,8 @@ def build(config: BuildConfig) -> str:
     loaded, store = collect_and_extract(config, timings)
     with stage("train", timings):
         trained = train_served_probe(store, config.train)
-    name = config.name or f"{config.model}-{config.dataset.stem}"
+    model_name = "smollm2-135m" if config.model == "smollm2" else Path(config.model).name
+    name = config.name or f"{model_name}-{config.dataset.stem}"
     manifest = assemble_probe(trained, loaded, store, config, name)
     with stage("evaluate", timings):
         draft = Probe(manifest, trained.weights, config.out, "")

@@ -68,7 +68,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     penalty: Literal["l1", "l2"] = "l1"
-    c_grid: list[float] = Field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05])
+    c_grid: list[float] = Field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05, 0.1])
     mode: Literal["1-vs-1", "3-vs-1"] = "1-vs-1"
     features: Literal["cett", "hybrid"] = "cett"
     consistency_filter: bool = False
@@ -76,6 +76,7 @@ class TrainConfig(BaseModel):
     stacker: bool = True
     stacker_stats: list[StatName] = Field(default_factory=lambda: list(STAT_NAMES))
     stacker_c: float = Field(default=1.0, gt=0)
+    select_c: Literal["probe", "served"] = "served"  # CV criterion: probe or stacked AUROC
     calibrator: Literal["platt", "isotonic"] = "platt"
     flag_accuracy_gain: float = Field(default=3.0, gt=1.0)
     abstain_accuracy_gain: float = Field(default=2.0, gt=1.0)
@@ -326,10 +327,33 @@ class ProbeFit:
         return self.cv.oof_logits[self.cv.best_index]
 
 
+def select_for_served(cv: CVResult, stats: np.ndarray, y: np.ndarray, config: TrainConfig) -> None:
+    """Re-pick C by the AUROC of the stacked out-of-fold score (what is served).
+
+    The stacker has a handful of parameters, so fitting and scoring it on the same
+    out-of-fold logits is nearly unbiased; the probe logits themselves are out of fold.
+    """
+    from probes.calibration import apply_stacker, fit_stacker
+
+    values = []
+    for i, row in enumerate(cv.table):
+        oof = cv.oof_logits[i]
+        if np.ptp(oof) == 0:  # no neuron survived: the stack is the statistics alone
+            values.append(-np.inf)
+            row["stacked_oof_auroc"] = float("nan")
+            continue
+        stacker = fit_stacker(oof, stats, y, config.stacker_c, config.stacker_stats)
+        row["stacked_oof_auroc"] = auroc(y, apply_stacker(stacker, oof, stats))
+        values.append(row["stacked_oof_auroc"])
+    cv.best_index = int(np.argmax(values))
+
+
 def fit_probe(store: FeatureSource, config: TrainConfig) -> ProbeFit:
     """CV the C grid on the train split, refit the best C on all of it."""
     data = load_training_data(store, config)
     cv = cross_validate(data, config)
+    if config.select_c == "served" and config.stacker and config.features == "cett":
+        select_for_served(cv, stats_matrix(store.meta, data.rows), data.y, config)
     c = cv.c_grid[cv.best_index]
     log.info("probe CV: %s; chosen C=%g", cv.table, c)
     x_all, y_all, s_all = data.fitting_rows()

@@ -223,3 +223,12 @@ def test_hybrid_served_score_equals_the_fitted_hybrid_model() -> None:
         store.load("resp_mean", rows=rows, columns=fit.columns), stats_matrix(store.meta, rows)
     )
     np.testing.assert_allclose(scored.z, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_c_is_chosen_by_the_served_score_when_stacking() -> None:
+    store = PlantedStore()
+    result = fit_probe(store, TrainConfig(penalty="l1", select_c="served", **FAST))
+    stacked = [row["stacked_oof_auroc"] for row in result.cv.table]
+    assert result.c == result.cv.c_grid[int(np.nanargmax(stacked))]
+    probe_only = fit_probe(store, TrainConfig(penalty="l1", select_c="probe", **FAST))
+    assert "stacked_oof_auroc" not in probe_only.cv.table[0]
