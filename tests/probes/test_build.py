@@ -117,3 +117,25 @@ def test_real_build_on_300_triviaqa_questions(tmp_path: Path) -> None:
     assert probe.weights.weights.size > 0
     report = json.loads((config.out / "report.json").read_text())
     assert report["timings"]["collect"]["wall_s"] > 0
+
+
+def test_shipped_default_probe_is_small_pinned_and_described() -> None:
+    from guard.model import SMOLLM2_MODEL_ID
+    from guard.probe import DEFAULT_PROBE_DIR, DEFAULT_PROBE_SHA256
+
+    probe = load_probe("default")
+    assert probe.manifest_sha256 == DEFAULT_PROBE_SHA256
+    manifest = probe.manifest
+    assert manifest.model_id == SMOLLM2_MODEL_ID
+    assert manifest.training["model_spec"] == "smollm2"
+    assert SKLEARN_FILE not in manifest.files
+    assert sum(p.stat().st_size for p in DEFAULT_PROBE_DIR.iterdir()) < 2_000_000
+    quantiles = [manifest.validation_risk_quantiles[q] for q in ("0.1", "0.5", "0.9", "0.99")]
+    assert quantiles == sorted(quantiles)
+    assert manifest.thresholds.goals["abstain"]["coverage"] > 0
+    assert int((probe.weights.weights > 0).sum()) == manifest.training["h_neurons"] > 0
+
+
+@pytest.mark.slow
+def test_default_probe_verifies_against_the_embedded_model(smollm2) -> None:  # type: ignore[no-untyped-def]
+    load_probe("default").verify_model(smollm2.fingerprint)
