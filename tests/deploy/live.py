@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -45,12 +46,13 @@ def wait_until_ok(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s: {last}")
 
 
-def tiny_app(probe_dir: Path | None) -> FastAPI:
+def tiny_app(probe_dir: Path | None, **thresholds: Any) -> FastAPI:
     """The real app around a tiny random Llama and a planted probe (validation quantiles
-    0.5 -> 0.4 and 0.9 -> 0.8 in its manifest); ``None``: unguarded, no probe."""
+    0.5 -> 0.4 and 0.9 -> 0.8 in its manifest); ``None``: unguarded, no probe.
+    ``thresholds`` go to the probe (``flag``, ``abstain``, ``abort``, ``abort_min_tokens``)."""
     loaded = tiny_loaded()
     if probe_dir is not None:
-        write_probe(probe_dir, loaded, flag=0.5, abstain=0.8)
+        write_probe(probe_dir, loaded, **{"flag": 0.5, "abstain": 0.8, **thresholds})
     settings = GuardSettings(
         probe=str(probe_dir or "none"), served_model_name=SERVED_NAME, max_new_tokens=24,
         max_batch=4, allow_unguarded=probe_dir is None,

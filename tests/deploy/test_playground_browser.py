@@ -85,3 +85,27 @@ def test_an_unguarded_server_is_shown_as_such() -> None:
     assert shown["badge"] == "unguarded" and shown["tokens"]
     assert all(t["color"] == "rgba(0, 0, 0, 0)" for t in shown["tokens"])  # nothing shaded
     assert shown["layers"] == []
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "badge", "note", "withdrawn"),
+    [
+        ({"flag": 0.01, "abstain": 0.02, "abort": 0.03, "abort_min_tokens": 2},
+         "abstain (stopped mid-answer)", "Generation was stopped", False),
+        ({"flag": 0.01, "abstain": 0.02}, "abstain", "must withdraw", True),
+    ],
+    ids=["aborted-mid-stream", "abstained-at-the-end"],
+)  # fmt: skip
+def test_abstentions_are_shown_as_the_guard_decided(
+    tmp_path: Path, thresholds: dict[str, Any], badge: str, note: str, withdrawn: bool
+) -> None:
+    with serve(tiny_app(tmp_path / "probe", **thresholds)) as base, chromium() as driver:
+        ask(driver, base, QUESTION)
+        shown = page_state(driver)
+        classes = driver.find_element("id", "answer").get_attribute("class") or ""
+        shown_note = driver.find_element("id", "note").text
+    assert shown["decision"] == "abstain" and shown["badge"] == badge
+    assert note in shown_note
+    assert ("withdrawn" in classes) is withdrawn
+    if "abort" in thresholds:  # stopped right after the minimum number of tokens
+        assert len(shown["tokens"]) == thresholds["abort_min_tokens"]
