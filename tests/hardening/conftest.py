@@ -36,9 +36,10 @@ def slow_down(model: nn.Module, seconds: float) -> None:
     model.register_forward_pre_hook(pause)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def slow_guarded(tmp_path_factory: pytest.TempPathFactory) -> GuardedModel:
-    """A tiny guarded model of its own whose decode steps take ~20 ms each."""
+    """A tiny guarded model whose decode steps take ~20 ms each; one per test module, so a
+    server still winding down never shares its model with the next module's server."""
     loaded = tiny_loaded()
     slow_down(loaded.model, STEP_SECONDS)
     probe_dir = write_probe(tmp_path_factory.mktemp("slow-probe"), loaded)
