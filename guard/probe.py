@@ -39,7 +39,7 @@ SKLEARN_FILE = "probe.joblib"
 DEFAULT_PROBE_DIR = Path(__file__).parent / "default_probe"
 # sha256 of the shipped default probe's manifest.json: an edited manifest is refused.
 # Empty until the default probe is trained (then `hguard probes build` prints it).
-DEFAULT_PROBE_SHA256 = "f774b787cd7a5135a4d1c3516eb83f0e294a056ea582d789990eb01a684e1298"
+DEFAULT_PROBE_SHA256 = "96798db77ef95f6c75d2ee2fb801c249d5a56b028ac53aab8093a6945f20d527"
 
 StatName = Literal["length", "mean_logprob", "min_logprob", "mean_entropy", "max_entropy"]
 STAT_NAMES: tuple[StatName, ...] = (
