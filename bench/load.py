@@ -1,0 +1,208 @@
+"""Server load: single-client vs concurrent streaming throughput of `hguard serve`.
+
+Starts the server (real model, probe: ``--probe``, else the shipped one, else a synthetic
+stand-in), sends the requests one at a time from one client (single-client tokens/s), then
+the same requests (total, not per client) from ``--clients`` concurrent streaming clients
+on loopback, same prompts and ``max_tokens``, greedy.
+
+    python bench/load.py --clients 16 --requests 64 --out bench/results/load.json
+
+Writes ``{"single_client_tps", "aggregate_tps", "speedup", "errors", "ttft_p50_s",
+"ttft_p99_s", ...}`` (TTFT percentiles of the concurrent phase).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from overhead import questions, synthetic_probe  # bench/ is on sys.path as the script's dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    tokens: int
+    ttft_s: float | None
+    seconds: float
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def prepare_probe(spec: str | None, model: str, work: Path) -> str:
+    """A probe directory the server will accept for ``model``."""
+    if spec is not None:
+        return spec
+    from guard.errors import ProbeError
+    from guard.model import load_model
+    from guard.probe import load_probe
+
+    try:
+        load_probe("default")
+        return "default"
+    except ProbeError:
+        loaded = load_model(model)
+        synthetic_probe(loaded, work / "synthetic_probe")
+        return str(work / "synthetic_probe")
+
+
+def start_server(port: int, model: str, probe: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "guard.cli", "serve", "--port", str(port),
+               "--model", model, "--probe", probe]  # fmt: skip
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env})
+
+
+def wait_ready(base: str, process: subprocess.Popen[bytes], timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode} before it was ready")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the server did not become ready in time")
+
+
+async def one_request(
+    client: httpx.AsyncClient, model: str, question: str, max_tokens: int
+) -> Outcome:
+    """One streamed chat completion; tokens counted from the usage chunk."""
+    body = {
+        "model": model, "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    started = time.perf_counter()
+    ttft, tokens, done, failed = None, 0, False, False
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return Outcome(False, 0, None, time.perf_counter() - started)
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: ") :]
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                failed |= "error" in chunk
+                if ttft is None and (chunk.get("guard") or {}).get("tokens"):
+                    ttft = time.perf_counter() - started
+                if chunk.get("usage"):
+                    tokens = int(chunk["usage"]["completion_tokens"])
+    except httpx.HTTPError:
+        failed = True
+    return Outcome(done and not failed, tokens, ttft, time.perf_counter() - started)
+
+
+async def run_phase(
+    base: str, model: str, prompts: list[str], max_tokens: int, clients: int
+) -> tuple[float, list[Outcome]]:
+    """Wall seconds and outcomes of all ``prompts`` spread over ``clients`` workers."""
+    pending: asyncio.Queue[str] = asyncio.Queue()
+    for prompt in prompts:
+        pending.put_nowait(prompt)
+    outcomes: list[Outcome] = []
+    limits = httpx.Limits(max_connections=clients + 4)
+    timeout = httpx.Timeout(900.0)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=timeout) as client:
+
+        async def worker() -> None:
+            while not pending.empty():
+                prompt = pending.get_nowait()
+                outcomes.append(await one_request(client, model, prompt, max_tokens))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return time.perf_counter() - started, outcomes
+
+
+def summarise(args: argparse.Namespace, single: tuple[float, list[Outcome]],
+              concurrent: tuple[float, list[Outcome]]) -> dict[str, Any]:  # fmt: skip
+    single_s, single_out = single
+    many_s, many_out = concurrent
+    single_tps = sum(o.tokens for o in single_out) / single_s
+    aggregate_tps = sum(o.tokens for o in many_out) / many_s
+    ttfts = [o.ttft_s for o in many_out if o.ttft_s is not None]
+    return {
+        "single_client_tps": round(single_tps, 3),
+        "aggregate_tps": round(aggregate_tps, 3),
+        "speedup": round(aggregate_tps / single_tps, 3) if single_tps else 0.0,
+        "errors": sum(not o.ok for o in single_out + many_out),
+        "ttft_p50_s": round(float(np.percentile(ttfts, 50)), 4) if ttfts else None,
+        "ttft_p99_s": round(float(np.percentile(ttfts, 99)), 4) if ttfts else None,
+        "single_client_ttft_p50_s": round(float(np.median(
+            [o.ttft_s for o in single_out if o.ttft_s is not None] or [0.0])), 4),
+        "clients": args.clients, "requests": args.requests, "max_tokens": args.max_tokens,
+        "tokens": {"single": sum(o.tokens for o in single_out),
+                   "concurrent": sum(o.tokens for o in many_out)},
+        "seconds": {"single": round(single_s, 3), "concurrent": round(many_s, 3)},
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "python": sys.version.split()[0], "load_avg": os.getloadavg()},
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--probe", help="probe directory (default: shipped, else synthetic)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    prompts = [f"{q} Answer in a few words." for q in questions(args.requests)]
+    with tempfile.TemporaryDirectory() as work:
+        probe = prepare_probe(args.probe, args.model, Path(work))
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        env = {"GUARD_MAX_BATCH": str(args.clients), "GUARD_SERVED_MODEL_NAME": "bench",
+               "GUARD_QUEUE_SIZE": str(max(256, args.requests))}  # fmt: skip
+        server = start_server(port, args.model, probe, env)
+        try:
+            wait_ready(base, server)
+            asyncio.run(run_phase(base, "bench", prompts[:2], args.max_tokens, 1))  # warm-up
+            single = asyncio.run(run_phase(base, "bench", prompts, args.max_tokens, 1))
+            concurrent = asyncio.run(
+                run_phase(base, "bench", prompts, args.max_tokens, args.clients)
+            )
+        finally:
+            server.send_signal(signal.SIGTERM)
+            exit_code = server.wait(60)
+    result = summarise(args, single, concurrent)
+    result["server_exit_code"] = exit_code
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2))
+    return 0 if result["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
