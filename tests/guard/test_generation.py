@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from guard.decoding import GenerationRequest, SamplingParams, TextTracker, TokenEvent
-from guard.errors import InvalidRequestError, ProbeModelMismatchError
+from guard.errors import InvalidRequestError, ProbeError, ProbeModelMismatchError
 from guard.generation import GuardedModel
 from guard.model import LoadedModel
 from guard.policy import Decision
@@ -216,3 +216,36 @@ def test_capture_is_released_even_when_a_sink_fails(guarded: GuardedModel) -> No
     # the hooks and the capture slot were released: a new generation works and agrees
     first = guarded.generate(_prompt(guarded, "Hi"), GREEDY)
     assert first.risk == pytest.approx(guarded.generate(_prompt(guarded, "Hi"), GREEDY).risk)
+
+
+@pytest.fixture(scope="module")
+def smol_guarded(smollm2: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> GuardedModel:
+    """SmolLM2 with the shipped probe when there is one, else a fixed few-neuron test probe."""
+    try:
+        probe = load_probe("default")
+        probe.verify_model(smollm2.fingerprint)
+    except ProbeError:
+        probe = load_probe(write_probe(tmp_path_factory.mktemp("smol-probe"), smollm2))
+    return GuardedModel(smollm2, probe)
+
+
+@pytest.mark.slow
+def test_real_model_generation_matches_scoring_and_batching(smol_guarded: GuardedModel) -> None:
+    questions = ["What is the capital of France?", "Who wrote Hamlet?"]
+    ask = smol_guarded.prompt_recipe.messages
+    prompts = [smol_guarded.encode_chat(ask(q)) for q in questions]
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    alone = [smol_guarded.generate(p, params) for p in prompts]
+    assert "paris" in alone[0].text.lower()
+    sinks = [_Sink() for _ in prompts]
+    smol_guarded.generate_batch(
+        [GenerationRequest(p, params, s) for p, s in zip(prompts, sinks, strict=True)]
+    )
+    for prompt, single, sink in zip(prompts, alone, sinks, strict=True):
+        assert sink.result is not None and sink.result.token_ids == single.token_ids
+        assert sink.result.risk == pytest.approx(single.risk, abs=1e-4)
+        scored = smol_guarded.score_ids(prompt, single.token_ids)
+        assert scored.risk == pytest.approx(single.risk, abs=1e-4)
+        np.testing.assert_allclose(scored.token_risks, single.token_risks, atol=1e-4)
+    by_text = smol_guarded.score(question=questions[0], answer=alone[0].text)
+    assert by_text.risk is not None and 0.0 <= by_text.risk <= 1.0
