@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--limit", type=int, help="use the first N questions")
     build.add_argument("--samples", type=int, default=0, help="extra sampled answers per question")
     build.add_argument("--batch-size", type=int, default=32)
-    build.add_argument("--work-dir", type=Path, help="answers and features (default: OUT-work beside OUT)")
+    build.add_argument("--work-dir", type=Path, help="answers, features (default: OUT-work)")
     build.set_defaults(func=_probes_build)
 
     evaluate = probe_commands.add_parser("evaluate", help="evaluate a probe against baselines")
