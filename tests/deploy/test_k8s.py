@@ -31,7 +31,7 @@ CORE_KINDS = {
 }
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
 # the oldest Kubernetes still in wide use, and the newest the validator bundles
-VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version() + ".0")
+VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
 
 
 def resources() -> dict[str, dict[str, Any]]:

@@ -18,8 +18,9 @@ function riskColor(risk) {
   return `hsl(${Math.round(120 * (1 - r))}, 80%, ${Math.round(88 - 18 * r)}%)`;
 }
 
+// Three decimals: calibrated risks of a weak model crowd near 1, and so do its thresholds.
 function fmt(x) {
-  return typeof x === "number" && isFinite(x) ? x.toFixed(2) : "–";
+  return typeof x === "number" && isFinite(x) ? x.toFixed(3) : "–";
 }
 
 function setStatus(text, isError = false) {
