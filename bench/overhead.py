@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -87,27 +88,38 @@ def resolve_probe(spec: str | None, loaded: LoadedModel, work: Path) -> Probe:
         return synthetic_probe(loaded, work / "synthetic_probe")
 
 
-def plain_run(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int) -> float:
-    """Seconds for ``model.generate`` on one batch of prompts."""
+Timing = tuple[float, float]  # (wall seconds, process CPU seconds)
+
+
+def _clock() -> Timing:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: Timing) -> Timing:
+    return time.perf_counter() - start[0], time.process_time() - start[1]
+
+
+def plain_run(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int) -> Timing:
+    """Wall and CPU seconds of ``model.generate`` on one batch of prompts."""
     tokenizer = loaded.tokenizer
     input_ids, mask = left_pad(prompts, int(tokenizer.pad_token_id or 0))
-    started = time.perf_counter()
+    started = _clock()
     with torch.inference_mode():
         loaded.model.generate(
             input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
             min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
-    return time.perf_counter() - started
+    return _since(started)
 
 
-def guarded_run(guarded: GuardedModel, prompts: list[list[int]], new_tokens: int) -> float:
-    """Seconds for guarded generation of one batch (abort off), checking every row's length."""
+def guarded_run(guarded: GuardedModel, prompts: list[list[int]], new_tokens: int) -> Timing:
+    """Wall and CPU seconds of guarded generation of one batch (abort off); checks lengths."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     sinks = [CollectingSink() for _ in prompts]
     requests = [GenerationRequest(p, params, s) for p, s in zip(prompts, sinks, strict=True)]
-    started = time.perf_counter()
+    started = _clock()
     guarded.generate_batch(requests)
-    elapsed = time.perf_counter() - started
+    elapsed = _since(started)
     for sink in sinks:
         if sink.result is None or sink.result.completion_tokens != new_tokens:
             raise RuntimeError("guarded generation did not produce the forced token count")
@@ -123,24 +135,37 @@ def measure(
 ) -> dict[str, float]:
     """Best-of-``repeats`` tokens/s of each side over the same batches, alternating."""
     tokens = sum(len(batch) for batch in batches) * new_tokens
-    plain_s: list[float] = []
-    guarded_s: list[float] = []
+    plain: list[Timing] = []
+    guarded_t: list[Timing] = []
     plain_run(loaded, batches[0][:1], 2)  # warm-up both paths
     guarded_run(guarded, batches[0][:1], 2)
     for _ in range(repeats):
-        plain_s.append(sum(plain_run(loaded, b, new_tokens) for b in batches))
-        guarded_s.append(sum(guarded_run(guarded, b, new_tokens) for b in batches))
-    plain_tps, guarded_tps = tokens / min(plain_s), tokens / min(guarded_s)
+        plain.append(_total(plain_run(loaded, b, new_tokens) for b in batches))
+        guarded_t.append(_total(guarded_run(guarded, b, new_tokens) for b in batches))
+    plain_tps = tokens / min(t[0] for t in plain)
+    guarded_tps = tokens / min(t[0] for t in guarded_t)
+    plain_cpu_tps = tokens / min(t[1] for t in plain)
+    guarded_cpu_tps = tokens / min(t[1] for t in guarded_t)
     return {
         "plain_tps": round(plain_tps, 3),
         "guarded_tps": round(guarded_tps, 3),
         "ratio": round(guarded_tps / plain_tps, 4),
+        "plain_cpu_tps": round(plain_cpu_tps, 3),
+        "guarded_cpu_tps": round(guarded_cpu_tps, 3),
+        "cpu_ratio": round(guarded_cpu_tps / plain_cpu_tps, 4),
         "new_tokens": new_tokens,
         "prompts": sum(len(b) for b in batches),
         "repeats": repeats,
-        "plain_seconds": [round(s, 3) for s in plain_s],
-        "guarded_seconds": [round(s, 3) for s in guarded_s],
+        "plain_seconds": [round(t[0], 3) for t in plain],
+        "guarded_seconds": [round(t[0], 3) for t in guarded_t],
     }
+
+
+def _total(timings: Iterable[Timing]) -> Timing:
+    wall = cpu = 0.0
+    for w, c in timings:
+        wall, cpu = wall + w, cpu + c
+    return wall, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,10 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", help="probe directory (default: shipped, else synthetic)")
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--repeats", type=int)
+    parser.add_argument("--prompts", type=int, help="batch-1 prompts (default 4, quick 2)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     new_tokens = args.new_tokens or (8 if args.quick else 32)
     repeats = args.repeats or (1 if args.quick else 3)
-    single_prompts = 2 if args.quick else 4
+    single_prompts = args.prompts or (2 if args.quick else 4)
     loaded = load_model(args.model)
     probe = resolve_probe(args.probe, loaded, args.out.parent)
     guarded = GuardedModel(loaded, probe)

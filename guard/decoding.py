@@ -10,7 +10,11 @@ Per step and row (ARCHITECTURE.md, "position"):
 - an end token is not a response token: the row stops without feeding it; a row that
   stops on ``max_tokens`` or a stop string has had its last token fed already, so every
   response token is scored;
-- finished or cancelled rows leave the batch (the cache keeps only live rows).
+- finished or cancelled rows leave the batch (the cache keeps only live rows);
+- when every live row ends with the token being fed, that last pass skips the LM head and
+  stops after the last probed layer.
+
+Sampling and stop strings live in `guard.sampling`.
 
 Per step there is one device-to-host copy, ``[batch, 3 + layers]`` floats: next ids,
 their log-prob and entropy, the fed tokens' probe logits and per-layer contributions.
@@ -32,34 +36,26 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from guard.errors import InvalidRequestError
 from guard.forcing import position_ids_for
 from guard.model import left_pad
 from guard.neurons import MLPLayer, NeuronCapture
 from guard.results import FinishReason, GenerationResult, GuardInfo, TokenRisk
+from guard.sampling import SamplingParams, TextTracker, sample_next
 from guard.scoring import AnswerStats, RiskScorer, RunningStats, logit_statistics
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request decodes. ``temperature == 0`` is greedy; ``abort`` enables the
-    policy's mid-answer abort (streams); ``ignore_eos`` forces ``max_tokens`` tokens."""
-
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    abort: bool = False
-    ignore_eos: bool = False  # never sample an end token (benchmarks: a fixed answer length)
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise InvalidRequestError("max_tokens must be at least 1")
-        if self.temperature < 0:
-            raise InvalidRequestError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise InvalidRequestError("top_p must lie in (0, 1]")
+__all__ = [
+    "DecodeEngine",
+    "GenerationRequest",
+    "GenerationSink",
+    "SamplingParams",
+    "StepInfo",
+    "TextTracker",
+    "TokenEvent",
+    "cache_argument",
+    "decode_batch",
+    "layer_shares",
+    "sample_next",
+]
 
 
 @dataclass(frozen=True)
@@ -113,44 +109,6 @@ class DecodeEngine:
     end_ids: frozenset[int]
     mlp_layers: list[MLPLayer]
     pad_id: int
-
-
-class TextTracker:
-    """Incremental detokenisation with stop strings: what is safe to send, and when to stop."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]) -> None:
-        self._tokenizer = tokenizer
-        self._stops = [stop for stop in stops if stop]
-        self._ids: list[int] = []
-        self.text = ""
-        self.sent = 0
-        self.stopped = False
-
-    def push(self, token_id: int) -> str:
-        """Add a token; returns the newly safe text."""
-        self._ids.append(token_id)
-        text = str(self._tokenizer.decode(self._ids, skip_special_tokens=True))
-        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
-            text, self.stopped = text[:cut], True
-        self.text = text
-        safe = len(text)
-        if not self.stopped:
-            safe -= max(
-                (k for s in self._stops for k in range(1, len(s)) if text.endswith(s[:k])),
-                default=0,
-            )
-            if text.endswith("\ufffd"):  # half a multi-byte character so far
-                safe = min(safe, len(text) - 1)
-        if safe <= self.sent:
-            return ""
-        delta, self.sent = text[self.sent : safe], safe
-        return delta
-
-    def flush(self) -> str:
-        """The rest of the text, at the end of the answer."""
-        rest, self.sent = self.text[self.sent :], len(self.text)
-        return rest
 
 
 @dataclass
@@ -249,32 +207,6 @@ def layer_shares(
     }
 
 
-def sample_next(
-    raw: torch.Tensor, rows: Sequence[_Row], end_ids: frozenset[int] = frozenset()
-) -> torch.Tensor:
-    """Next token per row from raw logits ``[batch, vocab]``: greedy or sampled. ``[batch]``."""
-    forced = [i for i, row in enumerate(rows) if row.params.ignore_eos]
-    if forced and end_ids:
-        raw = raw.clone()
-        raw[
-            torch.as_tensor(forced)[:, None], torch.as_tensor(sorted(end_ids))[None, :]
-        ] = -torch.inf
-    chosen = raw.argmax(dim=-1)
-    for i, row in enumerate(rows):
-        params = row.params
-        if params.temperature == 0:
-            continue
-        logits = raw[i].float() / params.temperature
-        probs = torch.softmax(logits, dim=-1)
-        if params.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
-            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        chosen[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
-    return chosen
-
-
 def _make_row(engine: DecodeEngine, request: GenerationRequest, device: torch.device) -> _Row:
     generator = None
     if request.params.temperature > 0:
@@ -316,6 +248,14 @@ def cache_argument(model: torch.nn.Module) -> str:
     ``past_key_values``."""
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the last needed layer has run."""
+
+
+def _stop_forward(module: torch.nn.Module, inputs: object, output: object) -> None:
+    raise _StopForward
 
 
 def decode_batch(
@@ -380,9 +320,27 @@ class _BatchDecoder:
             self.cache_kw: self.cache, "use_cache": True,
         }  # fmt: skip
         if last:
-            self.model.base_model(**kwargs)
+            self._final_pass(kwargs)
             return None
         return self.model(**kwargs, logits_to_keep=1).logits[:, -1, :]
+
+    def _final_pass(self, kwargs: dict[str, object]) -> None:
+        """Feed the last tokens only as far as the probe reads: no LM head, and no layer
+        after the last probed one (the cache is dropped afterwards, so stopping is safe)."""
+        scorer = self.engine.scorer
+        if scorer is None:  # unguarded: the last token needs no measurement at all
+            return
+        last_layer = max(scorer.neuron_selection(), default=None)
+        if last_layer is None:
+            return
+        module = self.engine.mlp_layers[last_layer].module
+        handle = module.register_forward_hook(_stop_forward)  # runs after the capture hook
+        try:
+            self.model.base_model(**kwargs)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
 
     def _step_values(
         self, logits: torch.Tensor | None, capture: NeuronCapture | None
@@ -392,7 +350,9 @@ class _BatchDecoder:
         if logits is None:
             next_ids = torch.full((rows,), -1, dtype=torch.long, device=self.device)
         else:
-            next_ids = sample_next(logits, self.live, self.engine.end_ids)
+            params = [row.params for row in self.live]
+            generators = [row.generator for row in self.live]
+            next_ids = sample_next(logits, params, generators, self.engine.end_ids)
         started = time.perf_counter()
         parts = [next_ids.double()[:, None]]
         if capture is not None and self.scoring is not None and logits is not None:

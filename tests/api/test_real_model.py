@@ -17,6 +17,7 @@ from tests.guard.tiny_guard import write_probe
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two generations on a shared CPU
 def test_openai_client_against_smollm2(
     smollm2: LoadedModel, live_server: Callable[..., LiveServer], tmp_path: Path
 ) -> None:
@@ -26,14 +27,16 @@ def test_openai_client_against_smollm2(
     except ProbeError:
         probe = load_probe(write_probe(tmp_path, smollm2))
     server = live_server(guarded=GuardedModel(smollm2, probe), served_model_name="smollm2")
-    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(
+        base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=1500
+    )
     question = [
         {"role": "user", "content": "What is the capital of France? Answer in a few words."}
     ]
     completion = client.chat.completions.create(
         model="smollm2",
         messages=question,
-        max_tokens=12,
+        max_tokens=8,
         temperature=0,  # type: ignore[arg-type]
     )
     guard = (completion.model_extra or {})["guard"]
@@ -43,7 +46,7 @@ def test_openai_client_against_smollm2(
     stream = client.chat.completions.create(
         model="smollm2",
         messages=question,
-        max_tokens=12,
+        max_tokens=8,
         temperature=0,
         stream=True,  # type: ignore[arg-type]
     )
