@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
+from guard import __version__
 from guard.metrics import GuardMetrics
 
 EXPECTED = {
@@ -59,7 +60,7 @@ def test_values_are_readable_from_the_registry() -> None:
     labels = {"quantile": "0.9"}
     assert registry.get_sample_value("hguard_probe_validation_risk_quantile", labels) == 0.8
     info = {
-        "version": "0.1.0",
+        "version": __version__,
         "model": "m",
         "probe": "p",
         "probe_sha256": "abc",
