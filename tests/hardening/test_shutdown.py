@@ -111,6 +111,11 @@ def test_sigterm_drains_streams_refuses_new_requests_and_exits_0(
         exited = time.monotonic() - signalled
         assert code == 0, server.log_text()
         assert exited < grace_s + EXIT_SLACK_S
+    for client in clients:  # what the server sent before it exited is still being read
+        client.hurry.set()
+    deadline = time.monotonic() + 30
+    while any(c.finished_at is None for c in clients) and time.monotonic() < deadline:
+        time.sleep(0.05)
     for client in clients:
         assert client.error is None and client.done, client.error
         assert client.finish_reason in ("length", "stop", "content_filter")
