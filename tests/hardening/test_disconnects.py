@@ -37,8 +37,9 @@ def server(slow_guarded: GuardedModel) -> Iterator[tuple[str, CollectorRegistry]
 
 
 def _drop_after(url: str, tokens: int, read: list[int]) -> None:
+    # Greedy: a sampled answer of the random model can end on its first token.
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Go on."}],
-            "max_tokens": MAX_TOKENS, "stream": True}  # fmt: skip
+            "max_tokens": MAX_TOKENS, "stream": True, "temperature": 0}  # fmt: skip
     seen = 0
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
@@ -106,7 +107,7 @@ def test_abandoned_non_streamed_request_frees_its_row(
     row ends (at the latest at max_tokens) and the gauges return to zero."""
     url, registry = server
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": MAX_TOKENS}  # fmt: skip
+            "max_tokens": MAX_TOKENS, "temperature": 0}  # fmt: skip
     before = _chat_requests(registry)
     # A raw socket that sends the request and hangs up without reading: the client always
     # gives up first (a read timeout raced sampled answers that end early).
