@@ -220,26 +220,25 @@ def _make_row(engine: DecodeEngine, request: GenerationRequest, device: torch.de
 
 
 class _Scoring:
-    """Turn one step's captured CETT into ``[batch, 1 + layers]``: probe logit, shares."""
+    """Turn one step's captured CETT ``[batch, K]`` into ``[batch, 1 + layers]``: the probe
+    logit and each layer's share of it, with one matrix product."""
 
     def __init__(self, scorer: RiskScorer, device: torch.device) -> None:
         selection = scorer.neuron_selection()
         weights = scorer.probe.weights.by_layer()
-        self.layers = list(selection)
-        self.weights = [
-            torch.as_tensor(weights[layer][1], dtype=torch.float32, device=device)
-            for layer in self.layers
-        ]
+        self.layers = sorted(selection)  # the capture's order: layers ascending
+        # [K, layers]: neuron k's weight in its own layer's column.
+        per_layer = torch.zeros((sum(len(selection[i]) for i in self.layers), len(self.layers)))
+        row = 0
+        for column, layer in enumerate(self.layers):
+            w = torch.as_tensor(weights[layer][1], dtype=torch.float32)
+            per_layer[row : row + w.numel(), column] = w
+            row += w.numel()
+        self.per_layer = per_layer.to(device)
         self.bias = float(scorer.probe.weights.bias)
 
-    def measure(self, chunks: dict[int, torch.Tensor]) -> torch.Tensor:
-        shares = torch.stack(
-            [
-                chunks[layer][:, -1, :].float() @ w
-                for layer, w in zip(self.layers, self.weights, strict=True)
-            ],
-            dim=1,
-        )
+    def measure(self, cett: torch.Tensor) -> torch.Tensor:
+        shares = cett.float() @ self.per_layer
         return torch.cat([shares.sum(dim=1, keepdim=True) + self.bias, shares], dim=1)
 
 
@@ -270,7 +269,10 @@ def decode_batch(
     capture: contextlib.AbstractContextManager[NeuronCapture | None] = contextlib.nullcontext()
     if engine.scorer is not None:
         capture = NeuronCapture(
-            engine.model, engine.scorer.neuron_selection(), layers=engine.mlp_layers
+            engine.model,
+            engine.scorer.neuron_selection(),
+            layers=engine.mlp_layers,
+            last_position=True,
         )
     with torch.inference_mode(), capture as active:
         decoder.run(active)
@@ -300,7 +302,7 @@ class _BatchDecoder:
     def run(self, capture: NeuronCapture | None) -> None:
         logits: torch.Tensor | None = self._forward(self.input_ids, last=False)
         if capture is not None:
-            capture.pop_chunks()  # prompt positions: not response tokens
+            capture.pop_last()  # prompt positions: not response tokens
         self.positions = self.positions[:, -1:]
         while True:
             self._advance(self._step_values(logits, capture))
@@ -361,7 +363,7 @@ class _BatchDecoder:
         else:  # unguarded, or the final pass: no statistics needed
             parts.append(torch.zeros((rows, 2), dtype=torch.float64, device=self.device))
         if capture is not None and self.scoring is not None and self.live[0].pending is not None:
-            parts.append(self.scoring.measure(capture.pop_chunks()).double())
+            parts.append(self.scoring.measure(capture.pop_last()).double())
         values = torch.cat(parts, dim=1).tolist()  # the step's one host sync
         return values, time.perf_counter() - started
 

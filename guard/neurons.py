@@ -105,11 +105,13 @@ NeuronSelection = Mapping[int, Sequence[int]]
 
 @dataclass
 class _LayerBuffer:
-    """Per-capture storage for one layer: a chunk per forward pass, ``[batch, tokens, k]``."""
+    """Per-capture storage for one layer: a chunk per forward pass, ``[batch, tokens, k]``;
+    in last-position mode the newest pass's raw ``z`` (selected neurons) and ``h`` instead."""
 
     neurons: torch.Tensor | None  # selected neuron indices, None = all
     scale: torch.Tensor  # column norms of the selected neurons
     chunks: list[torch.Tensor] = field(default_factory=list)
+    last: tuple[torch.Tensor, torch.Tensor] | None = None  # (z [batch, k], h [batch, D])
 
 
 # One capture per model at a time: hooks on a module fire for every forward pass through
@@ -130,6 +132,10 @@ class NeuronCapture:
     a generation with a KV cache yields ``[batch, prompt + steps, k]`` after concatenation,
     aligned with the input ids. Buffers belong to this capture object only; hooks are
     removed on exit even when the body raises, and exiting twice is harmless.
+
+    ``last_position=True`` is the decode loop's mode: each pass keeps only its last
+    position, and `pop_last` turns all layers into one ``[batch, K]`` tensor with a handful
+    of fused operations (the per-token cost of guarding is mostly operator dispatch).
     """
 
     def __init__(
@@ -139,9 +145,11 @@ class NeuronCapture:
         *,
         layers: Sequence[MLPLayer] | None = None,
         dtype: torch.dtype = torch.float32,
+        last_position: bool = False,
     ) -> None:
         self._model = model
         self._dtype = dtype
+        self._last_position = last_position
         all_layers = list(layers) if layers is not None else find_mlp_layers(model)
         by_index = {layer.index: layer for layer in all_layers}
         wanted = sorted(by_index) if neurons is None else sorted(neurons)
@@ -170,6 +178,12 @@ class NeuronCapture:
             self._buffers[index] = _LayerBuffer(selected, norms.to(dtype))
         self._handles: list[RemovableHandle] = []
         self._batch_shape: tuple[int, int] | None = None
+        # Last-position mode: every selected neuron's column norm, and its layer's slot.
+        buffers = list(self._buffers.values())
+        self._scale_all = torch.cat([b.scale for b in buffers]) if buffers else torch.zeros(0)
+        self._slot_of_neuron = torch.repeat_interleave(
+            torch.arange(len(buffers)), torch.as_tensor([b.scale.numel() for b in buffers])
+        ).to(self._scale_all.device)
 
     @property
     def layer_indices(self) -> list[int]:
@@ -224,14 +238,20 @@ class NeuronCapture:
             self._batch_shape = (int(ids.shape[0]), int(ids.shape[1]))
 
     def _make_hook(self, buffer: _LayerBuffer):  # type: ignore[no-untyped-def]
-        dtype = self._dtype
+        dtype, last_position = self._dtype, self._last_position
 
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             z, h = inputs[0], output
             if z.dim() == 2 and self._batch_shape is not None:
                 z = z.reshape(*self._batch_shape, z.shape[-1])
                 h = h.reshape(*self._batch_shape, h.shape[-1])
-            buffer.chunks.append(compute_cett(z, h, buffer.scale, buffer.neurons, dtype))
+            if last_position:
+                z_last = z[:, -1]
+                if buffer.neurons is not None:
+                    z_last = z_last.index_select(-1, buffer.neurons)
+                buffer.last = (z_last, h[:, -1])
+            else:
+                buffer.chunks.append(compute_cett(z, h, buffer.scale, buffer.neurons, dtype))
 
         return hook
 
@@ -251,15 +271,20 @@ class NeuronCapture:
         for index in self._buffers:
             yield index, self.cett(index)
 
-    def pop_chunks(self) -> dict[int, torch.Tensor]:
-        """Take and clear the newest chunk of every layer (one decoding step's CETT)."""
-        out: dict[int, torch.Tensor] = {}
-        for index, buffer in self._buffers.items():
-            if not buffer.chunks:
-                raise CaptureError("no forward pass was recorded since the last pop")
-            out[index] = buffer.chunks.pop()
-            buffer.chunks.clear()
-        return out
+    def pop_last(self) -> torch.Tensor:
+        """CETT at the last position of the newest pass, every captured neuron in layer
+        order: ``[batch, K]``. Last-position mode only; clears what it returns."""
+        if not self._last_position:
+            raise CaptureError("pop_last needs NeuronCapture(..., last_position=True)")
+        parts = [buffer.last for buffer in self._buffers.values()]
+        if not parts or any(part is None for part in parts):
+            raise CaptureError("no forward pass was recorded since the last pop")
+        z = torch.cat([part[0] for part in parts if part is not None], dim=-1).to(self._dtype)
+        h = torch.stack([part[1] for part in parts if part is not None], dim=1)  # [batch, L, D]
+        for buffer in self._buffers.values():
+            buffer.last = None
+        norms = output_norms(h, self._dtype).squeeze(-1)  # [batch, L]
+        return cett_from_parts(z, norms.index_select(-1, self._slot_of_neuron), self._scale_all)
 
 
 def compute_cett(
@@ -276,5 +301,16 @@ def compute_cett(
     """
     with torch.no_grad():
         z_sel = z if neurons is None else z.index_select(-1, neurons)
-        h_norm = h.to(dtype).norm(dim=-1, keepdim=True).clamp_min(_EPS)
-        return (z_sel.to(dtype).abs() * column_norms) / h_norm
+        return cett_from_parts(z_sel.to(dtype), output_norms(h, dtype), column_norms)
+
+
+def output_norms(h: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``||h_t||_2`` over the last axis, kept as a size-1 axis, never below a tiny epsilon."""
+    return torch.linalg.vector_norm(h.to(dtype), dim=-1, keepdim=True).clamp_min(_EPS)
+
+
+def cett_from_parts(
+    z_sel: torch.Tensor, h_norms: torch.Tensor, column_norms: torch.Tensor
+) -> torch.Tensor:
+    """The CETT formula on its parts: ``|z_j| * ||W_down[:, j]|| / ||h||`` (broadcasting)."""
+    return (z_sel.abs() * column_norms) / h_norms

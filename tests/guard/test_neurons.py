@@ -87,6 +87,26 @@ def test_subset_capture_equals_slice_of_full_capture(kind: str) -> None:
         torch.testing.assert_close(subset.cett(layer), full.cett(layer)[..., neurons])
 
 
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_last_position_mode_equals_full_capture_at_the_last_position(kind: str) -> None:
+    """The decode loop's fused capture: one ``[batch, K]`` tensor per pass, layers in order."""
+    model = tiny_model(kind)
+    selection = {1: [3, 0, 17], 0: [5, 9]}
+    prompt, step = torch.randint(0, 90, (3, 6)), torch.randint(0, 90, (3, 1))
+    with NeuronCapture(model, selection) as full, torch.no_grad():
+        model(torch.cat([prompt, step], dim=1))
+    expected = torch.cat([full.cett(0)[:, -1], full.cett(1)[:, -1]], dim=-1)
+    with NeuronCapture(model, selection, last_position=True) as last, torch.no_grad():
+        model(prompt)
+        assert last.pop_last().shape == (3, 5)
+        model(torch.cat([prompt, step], dim=1))
+        torch.testing.assert_close(last.pop_last(), expected, rtol=1e-5, atol=1e-6)
+        with pytest.raises(CaptureError, match="no forward pass"):
+            last.pop_last()
+    with pytest.raises(CaptureError, match="last_position=True"):
+        full.pop_last()
+
+
 def test_chunks_concatenate_over_forward_passes() -> None:
     model = tiny_model("llama")
     with NeuronCapture(model, {0: [1, 2]}) as capture, torch.no_grad():
