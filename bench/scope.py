@@ -1,10 +1,14 @@
 """Scope check: how often does the guard flag or abstain on prompts that are not factual
-questions (chit-chat, creative writing, code, instructions) and on long answers?
+questions (chit-chat, creative writing, code, instructions) and on long answers, and how
+many factual questions does its scope gate keep judging?
 
 The probe is trained on short factual answers; a guard that abstains on "write a haiku
 about autumn" is broken. Target (issue 6): at most 10% of these answers flagged or
-abstained. Prompts are sent as a user would send them (chat template, no "answer in a
-few words" instruction), greedy, as the server would generate them.
+abstained. Prompts (`bench/data/scope_prompts.jsonl`, held out: never used to fit the
+gate) are sent as a user would send them (chat template, no "answer in a few words"
+instruction), greedy, as the server would generate them. The other side of the gate:
+the share of TriviaQA test and NQ-open dev questions it keeps in scope (as users type
+them), since a factual question the gate lets through is not judged.
 
     python bench/scope.py --out bench/results/scope.json [--probe default] [--max-tokens 64]
 """
@@ -24,10 +28,16 @@ from typing import Any
 import numpy as np
 
 from guard.decoding import GenerationRequest, SamplingParams, TokenEvent
+from guard.forcing import prompt_hidden
 from guard.generation import GuardedModel
 from guard.results import GenerationResult
 
 PROMPTS = Path(__file__).parent / "data" / "scope_prompts.jsonl"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FACTUAL = {
+    "triviaqa_test": DATA / "triviaqa" / "triviaqa.jsonl",
+    "nq_open_dev": DATA / "nq_open" / "nq_open_dev.jsonl",
+}
 TARGET_FLAGGED = 0.10
 
 
@@ -69,6 +79,8 @@ def run(guarded: GuardedModel, rows: list[dict[str, Any]], args: argparse.Namesp
                     "category": row["category"],
                     "risk": result.risk,
                     "decision": result.decision.value,
+                    "in_scope": result.in_scope,
+                    "scope_score": result.scope.score if result.scope is not None else None,
                     "tokens": len(result.tokens),
                     "answer": result.text[:200],
                 }
@@ -91,11 +103,39 @@ def summarise(verdicts: list[dict[str, Any]]) -> dict[str, Any]:
             "flag_rate": decisions.count("flag") / len(members),
             "abstain_rate": decisions.count("abstain") / len(members),
             "flagged_or_abstained_rate": sum(d != "pass" for d in decisions) / len(members),
+            "out_of_scope_rate": sum(not m["in_scope"] for m in members) / len(members),
             "mean_risk": float(risks.mean()),
             "p90_risk": float(np.quantile(risks, 0.9)),
             "mean_tokens": float(np.mean([m["tokens"] for m in members])),
         }
     return summary
+
+
+def factual_in_scope(guarded: GuardedModel, limit: int, batch_size: int) -> dict[str, Any]:
+    """Share of factual questions (as users type them) the gate keeps in scope."""
+    from probes.datasets import load_questions, split_of
+
+    gate = guarded.scope_gate
+    if gate is None:
+        return {"gate": None}
+    out: dict[str, Any] = {}
+    for name, path in FACTUAL.items():
+        if not path.is_file():
+            out[name] = {"missing": str(path)}
+            continue
+        items = load_questions(path)
+        if name == "triviaqa_test":
+            items = [item for item in items if split_of(item.id) == "test"]
+        items = items[:limit]
+        prompts = [guarded.encode_chat([{"role": "user", "content": i.question}]) for i in items]
+        order = np.argsort([len(p) for p in prompts], kind="stable")
+        scores = np.zeros(len(prompts))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            hidden = prompt_hidden(guarded.loaded.model, [prompts[i] for i in rows], guarded.pad_id)
+            scores[rows] = gate.probabilities(hidden).numpy()
+        out[name] = {"n": len(items), "in_scope_rate": float(np.mean(scores >= gate.threshold))}
+    return out
 
 
 def main() -> None:
@@ -106,6 +146,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--long-max-tokens", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--factual-limit", type=int, default=2000, help="questions per set")
     args = parser.parse_args()
 
     rows = [json.loads(line) for line in PROMPTS.read_text(encoding="utf-8").splitlines()]
@@ -113,6 +154,7 @@ def main() -> None:
     started = time.perf_counter()
     verdicts = run(guarded, rows, args)
     summary = summarise(verdicts)
+    factual = factual_in_scope(guarded, args.factual_limit, 32)
     flagged = summary["all"]["flagged_or_abstained_rate"]
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -125,6 +167,7 @@ def main() -> None:
         "target_flagged_or_abstained_at_most": TARGET_FLAGGED,
         "target_met": flagged <= TARGET_FLAGGED,
         "summary": summary,
+        "factual_questions_in_scope": factual,
         "verdicts": verdicts,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,8 +175,9 @@ def main() -> None:
     for name, row in summary.items():
         print(
             f"{name:14s} n={row['n']:3d} flagged+abstained={row['flagged_or_abstained_rate']:.2f}"
-            f" mean risk={row['mean_risk']:.3f}"
+            f" out of scope={row['out_of_scope_rate']:.2f} mean risk={row['mean_risk']:.3f}"
         )
+    print("factual questions kept in scope:", json.dumps(factual))
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from guard.forcing import position_ids_for
 from guard.model import left_pad
 from guard.neurons import MLPLayer, NeuronCapture
-from guard.results import FinishReason, GenerationResult, GuardInfo, TokenRisk
+from guard.results import FinishReason, GenerationResult, GuardInfo, ScopeVerdict, TokenRisk
 from guard.sampling import SamplingParams, TextTracker, sample_next
+from guard.scope import FinalHiddenCapture, ScopeGate
 from guard.scoring import AnswerStats, RiskScorer, RunningStats, logit_statistics
 
 __all__ = [
@@ -100,7 +101,8 @@ class StepInfo:
 
 @dataclass(frozen=True)
 class DecodeEngine:
-    """What the loop needs: model, tokenizer, and the scorer (None = unguarded)."""
+    """What the loop needs: model, tokenizer, the scorer (None = unguarded) and the scope
+    gate (None = every prompt in scope)."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -109,6 +111,7 @@ class DecodeEngine:
     end_ids: frozenset[int]
     mlp_layers: list[MLPLayer]
     pad_id: int
+    scope_gate: ScopeGate | None = None
 
 
 @dataclass
@@ -123,6 +126,7 @@ class _Row:
     tokens: list[TokenRisk] = field(default_factory=list)
     layer_sums: np.ndarray | None = None
     pending: tuple[int, float, float] | None = None  # sampled, not yet fed: id, logprob, entropy
+    scope: ScopeVerdict | None = None
     done: bool = False
 
     @property
@@ -167,6 +171,7 @@ class _Row:
         elif (
             self.params.abort
             and running is not None
+            and (self.scope is None or self.scope.in_scope)
             and policy.should_abort(running, len(self.tokens))
         ):
             self.finish("content_filter", aborted=True)
@@ -182,13 +187,14 @@ class _Row:
         risk = None
         if scorer is not None and self.running.length:
             risk = scorer.answer_risk(self.running.stats())
-        decision = info.policy.decide(risk)
+        in_scope = self.scope is None or self.scope.in_scope
+        decision = info.policy.decide(risk, in_scope=in_scope)
         if aborted:
             decision = type(decision).ABSTAIN
         return GenerationResult(
             info=info, risk=risk, decision=decision, tokens=list(self.tokens),
             layers=layer_shares(scorer, self.layer_sums, self.running.length), aborted=aborted,
-            text=self.tracker.text, finish_reason=reason,
+            scope=self.scope, text=self.tracker.text, finish_reason=reason,
             prompt_tokens=len(self.request.prompt_ids), trailing=self.tracker.flush(),
         )  # fmt: skip
 
@@ -300,7 +306,7 @@ class _BatchDecoder:
         self.positions = position_ids_for(self.mask)
 
     def run(self, capture: NeuronCapture | None) -> None:
-        logits: torch.Tensor | None = self._forward(self.input_ids, last=False)
+        logits = self._prefill()
         if capture is not None:
             capture.pop_last()  # prompt positions: not response tokens
         self.positions = self.positions[:, -1:]
@@ -315,6 +321,17 @@ class _BatchDecoder:
             self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.live), 1))], dim=1)
             self.positions = self.positions + 1
             logits = self._forward(step_ids.T.to(self.device), last=last)
+
+    def _prefill(self) -> torch.Tensor | None:
+        """The prompt pass; the scope gate reads its final hidden state (no extra work)."""
+        gate = self.engine.scope_gate
+        if gate is None:
+            return self._forward(self.input_ids, last=False)
+        with FinalHiddenCapture(self.model) as hidden:
+            logits = self._forward(self.input_ids, last=False)
+        for row, verdict in zip(self.live, gate.judge(hidden.take()), strict=True):
+            row.scope = verdict
+        return logits
 
     def _forward(self, input_ids: torch.Tensor, *, last: bool) -> torch.Tensor | None:
         kwargs = {

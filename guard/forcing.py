@@ -7,6 +7,8 @@ that *predicted* it (ARCHITECTURE.md, "position").
 
     traces = teacher_force(model, prompts, responses, pad_id=tokenizer.pad_token_id)
     traces[0].cett[17]  # [response_len, k]
+
+`prompt_hidden` is the prompt-only pass the scope gate reads (``guard.scope``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 
 from guard.model import left_pad
 from guard.neurons import MLPLayer, NeuronCapture, NeuronSelection
+from guard.scope import FinalHiddenCapture
 from guard.scoring import logit_statistics
 
 
@@ -26,12 +29,14 @@ class TokenTrace:
     """One response's per-token measurements (on the CPU).
 
     ``cett``: ``{layer: [response_len, k]}`` float32; ``logprobs``, ``entropies``:
-    ``[response_len]`` float32.
+    ``[response_len]`` float32; ``prompt_hidden``: the final hidden state at the last prompt
+    token ``[hidden]`` (when asked for: the scope gate's input).
     """
 
     cett: dict[int, torch.Tensor]
     logprobs: torch.Tensor
     entropies: torch.Tensor
+    prompt_hidden: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -52,6 +57,7 @@ def teacher_force(
     neurons: NeuronSelection | None = None,
     *,
     layers: list[MLPLayer] | None = None,
+    with_prompt_hidden: bool = False,
 ) -> list[TokenTrace]:
     """Measure each ``responses[i]`` as the continuation of ``prompts[i]`` in one pass.
 
@@ -66,7 +72,12 @@ def teacher_force(
     input_ids, attention_mask = left_pad(sequences, pad_id)
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    with torch.inference_mode(), NeuronCapture(model, neurons, layers=layers) as capture:
+    width = input_ids.shape[1]
+    with (
+        torch.inference_mode(),
+        NeuronCapture(model, neurons, layers=layers) as capture,
+        FinalHiddenCapture(model) as hidden,
+    ):
         logits = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -74,7 +85,8 @@ def teacher_force(
             use_cache=False,
         ).logits
         cett = dict(capture.items())
-    width = input_ids.shape[1]
+        prompt_ends = torch.as_tensor([width - len(r) - 1 for r in responses])
+        prompt_states = hidden.take(prompt_ends).cpu() if with_prompt_hidden else None
     traces = []
     for row, response in enumerate(responses):
         start = width - len(response)  # first response position (left padding)
@@ -89,6 +101,26 @@ def teacher_force(
                 cett={layer: values[row, start:stop].cpu() for layer, values in cett.items()},
                 logprobs=lp.cpu(),
                 entropies=ent.cpu(),
+                prompt_hidden=prompt_states[row] if prompt_states is not None else None,
             )
         )
     return traces
+
+
+def prompt_hidden(model: nn.Module, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
+    """The final hidden state at each prompt's last token, one batched pass (the LM head
+    runs on the last position only): ``[batch, hidden]`` float32 on the CPU."""
+    if not prompts or any(not prompt for prompt in prompts):
+        raise ValueError("give at least one prompt, each with at least one token")
+    input_ids, attention_mask = left_pad(prompts, pad_id)
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    with torch.inference_mode(), FinalHiddenCapture(model) as hidden:
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_for(attention_mask),
+            use_cache=False,
+            logits_to_keep=1,
+        )
+        return hidden.take().cpu()

@@ -40,6 +40,7 @@ from guard.neurons import find_mlp_layers
 from guard.policy import Policy, ThresholdOverrides
 from guard.probe import Probe, PromptRecipe, load_probe
 from guard.results import GenerationResult, GuardInfo, ScoreResult, TokenRisk
+from guard.scope import ScopeGate
 from guard.scoring import AnswerStats, RiskScorer
 
 log = logging.getLogger(__name__)
@@ -82,13 +83,17 @@ class GuardedModel:
         *,
         policy: Policy | None = None,
         overrides: ThresholdOverrides | None = None,
+        scope_gate: bool = True,
     ) -> None:
         self.loaded = loaded
         self.probe = probe
         self.scorer: RiskScorer | None = None
+        self.scope_gate: ScopeGate | None = None
         if probe is not None:
             probe.verify_model(loaded.fingerprint)
             self.scorer = RiskScorer(probe, device=self.device)
+            if scope_gate:
+                self.scope_gate = ScopeGate.from_probe(probe, loaded.model)
             policy = policy or Policy.from_probe(probe.manifest.thresholds, overrides)
         self.policy = policy or _UNGUARDED_POLICY
         self.info = GuardInfo(
@@ -107,6 +112,7 @@ class GuardedModel:
             end_ids=self.end_ids,
             mlp_layers=find_mlp_layers(loaded.model),
             pad_id=self.pad_id,
+            scope_gate=self.scope_gate,
         )
 
     @classmethod
@@ -117,6 +123,7 @@ class GuardedModel:
         *,
         probe_sha256: str | None = None,
         overrides: ThresholdOverrides | None = None,
+        scope_gate: bool = True,
     ) -> GuardedModel:
         """Load probe then model (``model=None``: the model the probe was trained on).
 
@@ -129,7 +136,7 @@ class GuardedModel:
             training = loaded_probe.manifest.training if loaded_probe is not None else {}
             model = str(training.get("model_spec", "smollm2"))
         log.info("loading model %s", model)
-        return cls(load_model(model), loaded_probe, overrides=overrides)
+        return cls(load_model(model), loaded_probe, overrides=overrides, scope_gate=scope_gate)
 
     @property
     def guarded(self) -> bool:
@@ -222,7 +229,11 @@ class GuardedModel:
             self.pad_id,
             scorer.neuron_selection(),
             layers=self._engine.mlp_layers,
+            with_prompt_hidden=self.scope_gate is not None,
         )[0]
+        scope = None
+        if self.scope_gate is not None and trace.prompt_hidden is not None:
+            scope = self.scope_gate.judge(trace.prompt_hidden[None])[0]
         shares = scorer.layer_shares({layer: cett[None] for layer, cett in trace.cett.items()})
         per_layer = np.stack([shares[layer][0].numpy() for layer in shares], axis=0)  # [L, T]
         token_logits = per_layer.sum(axis=0) + float(scorer.probe.weights.bias)
@@ -234,4 +245,5 @@ class GuardedModel:
             for i, t, r in zip(response_ids, texts, token_risks, strict=True)
         ]
         layers = layer_shares(scorer, per_layer.sum(axis=1), len(response_ids))
-        return ScoreResult(self.info, risk, self.policy.decide(risk), tokens, layers)
+        decision = self.policy.decide(risk, in_scope=scope is None or scope.in_scope)
+        return ScoreResult(self.info, risk, decision, tokens, layers, scope=scope)

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from guard import __version__
+from guard.results import ScoreResult
 
 RISK_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 wide, up to 1.0
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -76,6 +77,11 @@ class GuardMetrics:
             "hguard_decisions", "answers by decision", ["decision"], registry=registry
         )
         self.aborts = Counter("hguard_aborts", "streams aborted mid-answer", registry=registry)
+        self.out_of_scope = Counter(
+            "hguard_out_of_scope",
+            "answers to prompts the scope gate left unjudged (decision pass)",
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "hguard_queue_depth", "requests waiting for a batch slot", registry=registry
         )
@@ -102,6 +108,16 @@ class GuardMetrics:
         )
         for decision in ("pass", "flag", "abstain"):
             self.decisions.labels(decision=decision)  # export zeros from the start
+
+    def observe_verdict(self, result: ScoreResult) -> None:
+        """Count one finished answer or score: decision, risk, abort, scope."""
+        self.decisions.labels(decision=result.decision.value).inc()
+        if result.risk is not None:
+            self.answer_risk.observe(result.risk)
+        if result.aborted:
+            self.aborts.inc()
+        if not result.in_scope:
+            self.out_of_scope.inc()
 
     def set_build_info(self, *, model: str, probe: str, probe_sha256: str, guarded: bool) -> None:
         """``hguard_build_info{...} 1`` for this replica."""

@@ -82,9 +82,10 @@ class Policy:
             abort_min_tokens=_first(overrides.abort_min_tokens, thresholds.abort_min_tokens),
         )
 
-    def decide(self, risk: float | None) -> Decision:
-        """``abstain`` at or above the abstain threshold, ``flag`` at or above flag."""
-        if risk is None:  # unguarded: nothing to decide on
+    def decide(self, risk: float | None, *, in_scope: bool = True) -> Decision:
+        """``abstain`` at or above the abstain threshold, ``flag`` at or above flag;
+        ``pass`` for a prompt the scope gate puts outside what the probe judges."""
+        if risk is None or not in_scope:  # unguarded or out of scope: nothing to decide on
             return Decision.PASS
         if risk >= self.abstain:
             return Decision.ABSTAIN

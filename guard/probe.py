@@ -4,6 +4,7 @@ A probe is a directory::
 
     manifest.json   ProbeManifest (pydantic): recipe, thresholds, metrics, sha256 of every file
     weights.npz     selected (layer, neuron) indices, weights and bias: no pickle, ever
+    scope.npz       the scope gate's weights (optional: see `guard.scope`)
     report.json     evaluation report (optional)
     probe.joblib    fitted scikit-learn objects, for analysis only (optional, never loaded
                     by the runtime: see `load_sklearn_objects`)
@@ -32,9 +33,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from guard.errors import ProbeError, ProbeIntegrityError, ProbeModelMismatchError
 from guard.model import ModelFingerprint
 
-FORMAT_VERSION = 1
+# 2 added the optional scope gate (`scope` in the manifest, scope.npz); 1 still loads.
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.npz"
+SCOPE_FILE = "scope.npz"
 SKLEARN_FILE = "probe.joblib"
 DEFAULT_PROBE_DIR = Path(__file__).parent / "default_probe"
 # sha256 of the shipped default probe's manifest.json: an edited manifest is refused.
@@ -144,6 +147,19 @@ class Thresholds(_Strict):
         return abstain
 
 
+class ScopeRecipe(_Strict):
+    """The scope gate: ``p(in scope) = sigmoid(w . x + b)`` on the model's final hidden
+    state ``x`` (the LM head's input) at the last prompt token; in scope when
+    ``p >= threshold``. Weights live in ``scope.npz``; ``training``/``evaluation`` say how
+    it was fitted and what it measured."""
+
+    feature: Literal["final_hidden_last_prompt_token"] = "final_hidden_last_prompt_token"
+    hidden_size: int = Field(ge=1)
+    threshold: float = Field(ge=0.0, le=1.0)
+    training: dict[str, Any] = Field(default_factory=dict)
+    evaluation: dict[str, Any] = Field(default_factory=dict)
+
+
 class ProbeManifest(BaseModel):
     """``manifest.json``: everything needed to trust, reproduce and serve a probe."""
 
@@ -157,6 +173,7 @@ class ProbeManifest(BaseModel):
     prompt: PromptRecipe = Field(default_factory=PromptRecipe)
     scoring: ScoringRecipe
     thresholds: Thresholds
+    scope: ScopeRecipe | None = None  # None: every prompt is in scope (format 1 artifacts)
     validation_risk_quantiles: dict[str, float] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
     evaluation: dict[str, Any] = Field(default_factory=dict)
@@ -228,6 +245,31 @@ class ProbeWeights:
 
 
 @dataclass(frozen=True)
+class ScopeWeights:
+    """The scope gate's logistic regression in raw feature units: ``w`` ``[hidden]``, ``b``."""
+
+    weights: np.ndarray
+    bias: float
+
+    def __post_init__(self) -> None:
+        if self.weights.ndim != 1 or self.weights.size == 0:
+            raise ProbeError(f"scope weights must be one vector, got shape {self.weights.shape}")
+        if not np.all(np.isfinite(self.weights)) or not math.isfinite(self.bias):
+            raise ProbeError("scope file holds non-finite weights or bias")
+
+    def to_npz(self, path: Path) -> None:
+        np.savez(path, weights=self.weights.astype(np.float64), bias=np.float64(self.bias))
+
+    @classmethod
+    def from_npz(cls, path: Path) -> ScopeWeights:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return cls(weights=data["weights"].astype(np.float64), bias=float(data["bias"]))
+        except (OSError, KeyError, ValueError) as exc:
+            raise ProbeError(f"cannot read scope weights {path}: {exc}") from exc
+
+
+@dataclass(frozen=True)
 class Probe:
     """A verified probe artifact: manifest, weights, and where it came from."""
 
@@ -235,6 +277,7 @@ class Probe:
     weights: ProbeWeights
     path: Path
     manifest_sha256: str
+    scope: ScopeWeights | None = None  # present exactly when ``manifest.scope`` is
 
     @property
     def name(self) -> str:
@@ -274,19 +317,36 @@ def save_probe(
     manifest: ProbeManifest,
     weights: ProbeWeights,
     extra_files: Mapping[str, bytes] | None = None,
+    scope: ScopeWeights | None = None,
 ) -> str:
     """Write the artifact; fills ``manifest.files`` with sha256s. Returns the manifest sha256.
 
     ``extra_files`` maps file names (e.g. ``report.json``, ``probe.joblib``, plots) to bytes.
+    ``scope`` (the gate's weights) goes with ``manifest.scope``: both or neither.
     """
+    if (scope is None) != (manifest.scope is None):
+        raise ProbeError("the scope gate needs both its weights and the manifest's scope recipe")
+    if (
+        scope is not None
+        and manifest.scope is not None
+        and (scope.weights.size != manifest.scope.hidden_size)
+    ):
+        raise ProbeError(
+            f"scope weights have {scope.weights.size} values, the recipe says "
+            f"{manifest.scope.hidden_size}"
+        )
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     weights.to_npz(out / WEIGHTS_FILE)
+    reserved = (MANIFEST_FILE, WEIGHTS_FILE, SCOPE_FILE)
     for name, payload in (extra_files or {}).items():
-        if "/" in name or name in (MANIFEST_FILE, WEIGHTS_FILE):
+        if "/" in name or name in reserved:
             raise ProbeError(f"invalid extra file name for a probe artifact: {name!r}")
         (out / name).write_bytes(payload)
     names = [WEIGHTS_FILE, *sorted(extra_files or {})]
+    if scope is not None:
+        scope.to_npz(out / SCOPE_FILE)
+        names.append(SCOPE_FILE)
     files = {name: sha256_file(out / name) for name in names}
     final = manifest.model_copy(update={"files": files})
     text = json.dumps(final.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
@@ -336,7 +396,17 @@ def load_probe(spec: str | Path = "default", *, expected_sha256: str | None = No
                 "it was modified or truncated"
             )
     weights = ProbeWeights.from_npz(directory / WEIGHTS_FILE)
-    return Probe(manifest, weights, directory, manifest_sha)
+    scope = None
+    if manifest.scope is not None:
+        if SCOPE_FILE not in manifest.files:
+            raise ProbeError(f"{manifest_path} has a scope recipe but does not list {SCOPE_FILE}")
+        scope = ScopeWeights.from_npz(directory / SCOPE_FILE)
+        if scope.weights.size != manifest.scope.hidden_size:
+            raise ProbeError(
+                f"{directory / SCOPE_FILE} has {scope.weights.size} weights, the manifest's "
+                f"scope recipe says {manifest.scope.hidden_size}"
+            )
+    return Probe(manifest, weights, directory, manifest_sha, scope)
 
 
 def load_sklearn_objects(spec: str | Path) -> Any:

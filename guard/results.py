@@ -37,6 +37,17 @@ class GuardInfo:
 
 
 @dataclass(frozen=True)
+class ScopeVerdict:
+    """The scope gate on one prompt: ``score`` = p(short factual question)."""
+
+    in_scope: bool
+    score: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {"in_scope": self.in_scope, "score": self.score}
+
+
+@dataclass(frozen=True)
 class TokenRisk:
     """One response token: its id, its own text and its display risk (None unguarded)."""
 
@@ -62,6 +73,11 @@ class ScoreResult:
     tokens: list[TokenRisk]
     layers: dict[int, float] = field(default_factory=dict)
     aborted: bool = False
+    scope: ScopeVerdict | None = None  # None: the probe has no scope gate (all in scope)
+
+    @property
+    def in_scope(self) -> bool:
+        return self.scope is None or self.scope.in_scope
 
     @property
     def token_ids(self) -> list[int]:
@@ -70,6 +86,14 @@ class ScoreResult:
     @property
     def token_risks(self) -> list[float | None]:
         return [token.risk for token in self.tokens]
+
+    def headers(self, request_id: str) -> dict[str, str]:
+        """The response headers of a non-streamed answer or score."""
+        return {
+            "X-Guard-Risk": "none" if self.risk is None else f"{self.risk:.6f}",
+            "X-Guard-Decision": self.decision.value,
+            "X-Request-ID": request_id,
+        }
 
     def guard_object(self, *, include_tokens: bool = True) -> dict[str, Any]:
         """The ``guard`` object of ARCHITECTURE.md for the whole answer."""
@@ -81,6 +105,7 @@ class ScoreResult:
         if include_tokens:
             body["tokens"] = [token.as_json() for token in self.tokens]
         body["layers"] = {str(layer): share for layer, share in self.layers.items()}
+        body["scope"] = self.scope.as_json() if self.scope is not None else None
         body.update(self.info.describe())
         return body
 

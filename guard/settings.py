@@ -54,6 +54,10 @@ class GuardSettings(BaseSettings):
     shutdown_grace_s: float = Field(default=30.0, ge=0.0)
     audit_log: Path | None = None
     allow_unguarded: bool = False
+    scope_gate: bool = Field(
+        default=True,
+        description="let the probe's scope gate pass prompts it does not judge (false: judge all)",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

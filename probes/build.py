@@ -29,16 +29,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from guard.errors import ProbeError
 from guard.probe import (
+    SCOPE_FILE,
     SKLEARN_FILE,
+    WEIGHTS_FILE,
     Probe,
     ProbeManifest,
     PromptRecipe,
+    ScopeRecipe,
+    ScopeWeights,
     load_probe,
     save_probe,
     sha256_file,
 )
 from probes.assemble import TrainedProbe, assemble_probe, train_served_probe
 from probes.evaluate import ScoredAnswers, build_report, score_store
+from probes.scope import ScopeConfig
 from probes.train import FeatureSource, TrainConfig, split_rows
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,7 @@ class BuildConfig(BaseModel):
     prompt: PromptRecipe = Field(default_factory=PromptRecipe)
     train: TrainConfig = Field(default_factory=TrainConfig)
     save_sklearn: bool = True  # probe.joblib (analysis only; the shipped probe omits it)
+    scope: ScopeConfig | None = Field(default_factory=ScopeConfig)  # None: no scope gate
     sparsity_curve: bool = True
 
     @property
@@ -108,7 +114,9 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def collect_and_extract(config: BuildConfig, timings: dict[str, Any]) -> tuple[Any, FeatureSource]:
+def collect_and_extract(
+    config: BuildConfig, timings: dict[str, Any]
+) -> tuple[Any, list[Any], FeatureSource]:
     """Load the model and questions, collect answers, extract features (all resumable)."""
     from guard.model import load_model
     from probes.collect import collect_answers
@@ -131,7 +139,25 @@ def collect_and_extract(config: BuildConfig, timings: dict[str, Any]) -> tuple[A
         )
     with stage("extract", timings):
         store = extract_features(loaded, records, work, batch_size=config.batch_size)
-    return loaded, store
+    return loaded, items, store
+
+
+def fit_gate(
+    config: BuildConfig, loaded: Any, items: list[Any], timings: dict[str, Any]
+) -> tuple[ScopeRecipe | None, ScopeWeights | None]:
+    """The scope gate (`probes.scope`) on the train split's questions, thresholded on val."""
+    if config.scope is None:
+        return None, None
+    from probes.datasets import split_of
+    from probes.scope import fit_scope_gate
+
+    by_split: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for item in items:
+        by_split[split_of(item.id)].append(item.question)
+    with stage("scope_gate", timings):
+        return fit_scope_gate(
+            loaded, by_split["train"], by_split["val"], config.scope, config.prompt
+        )
 
 
 def evaluate_splits(probe: Probe, store: FeatureSource) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -164,12 +190,14 @@ def build(config: BuildConfig) -> str:
     """Run every stage and save the artifact; returns (and prints) the manifest sha256."""
     timings: dict[str, Any] = {}
     started = time.perf_counter()
-    loaded, store = collect_and_extract(config, timings)
+    loaded, items, store = collect_and_extract(config, timings)
     with stage("train", timings):
         trained = train_served_probe(store, config.train)
+    scope_recipe, scope_weights = fit_gate(config, loaded, items, timings)
     model_name = "smollm2-135m" if config.model == "smollm2" else Path(config.model).name
     name = config.name or f"{model_name}-{config.dataset.stem}"
     manifest = assemble_probe(trained, loaded, store, config, name)
+    manifest = manifest.model_copy(update={"scope": scope_recipe})
     with stage("evaluate", timings):
         draft = Probe(manifest, trained.weights, config.out, "")
         reports, scored = evaluate_splits(draft, store)
@@ -188,9 +216,10 @@ def build(config: BuildConfig) -> str:
         "h_neurons": trained.h_neurons(store.width),
         "sparsity_curve": curve,
         "thresholds": manifest.thresholds.model_dump(),
+        "scope_gate": scope_recipe.model_dump() if scope_recipe is not None else None,
         "evaluation": reports,
     }
-    return save_artifact(config, manifest, trained, report, scored)
+    return save_artifact(config, manifest, trained, report, scored, scope_weights)
 
 
 def trained_sparsity(store: FeatureSource, config: BuildConfig) -> list[dict[str, Any]]:
@@ -206,8 +235,9 @@ def save_artifact(
     trained: TrainedProbe,
     report: dict[str, Any],
     scored: dict[str, ScoredAnswers],
+    scope: ScopeWeights | None = None,
 ) -> str:
-    """Write the probe directory (manifest, weights, report, plots, optional joblib)."""
+    """Write the probe directory (manifest, weights, scope gate, report, plots, joblib)."""
     from probes.metrics import nan_to_none
     from probes.plots import save_plots
 
@@ -222,7 +252,7 @@ def save_artifact(
         buffer = io.BytesIO()
         joblib.dump(trained.sklearn_objects(), buffer)
         extra[SKLEARN_FILE] = buffer.getvalue()
-    sha = save_probe(config.out, manifest, trained.weights, extra)
+    sha = save_probe(config.out, manifest, trained.weights, extra, scope=scope)
     load_probe(config.out, expected_sha256=sha)  # verify what was written
     print(f"probe written to {config.out}; manifest sha256 {sha}")
     return sha
@@ -234,9 +264,9 @@ def export_probe(source: Path, destination: Path, drop: tuple[str, ...] = (SKLEA
     keep = {
         name: (probe.path / name).read_bytes()
         for name in probe.manifest.files
-        if name not in drop and name != "weights.npz"
+        if name not in drop and name not in (WEIGHTS_FILE, SCOPE_FILE)
     }
     if any(sha256_file(probe.path / n) != probe.manifest.files[n] for n in keep):
         raise ProbeError(f"{source} changed while exporting it")
     manifest = probe.manifest.model_copy(update={"files": {}})
-    return save_probe(destination, manifest, probe.weights, keep)
+    return save_probe(destination, manifest, probe.weights, keep, scope=probe.scope)

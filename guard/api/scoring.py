@@ -37,26 +37,18 @@ async def score_answer(services: Services, body: ScoreRequest, rid: str) -> JSON
         )
     result = await batcher.run_exclusive(lambda: guarded.score_ids(prompt_ids, response_ids))
     await record_score(services, rid, model, result, answer)
-    headers = {
-        "X-Guard-Risk": "none" if result.risk is None else f"{result.risk:.6f}",
-        "X-Guard-Decision": result.decision.value,
-        "X-Request-ID": rid,
-    }
     content = {
         "id": f"score-{rid}", "object": "guard.score", "created": int(time.time()),
         "model": model, "guard": result.guard_object(),
         "usage": usage(len(prompt_ids), len(response_ids)),
     }  # fmt: skip
-    return JSONResponse(content, headers=headers)
+    return JSONResponse(content, headers=result.headers(rid))
 
 
 async def record_score(
     services: Services, rid: str, model: str, result: ScoreResult, answer: str
 ) -> None:
-    metrics = services.metrics
-    metrics.decisions.labels(decision=result.decision.value).inc()
-    if result.risk is not None:
-        metrics.answer_risk.observe(result.risk)
+    services.metrics.observe_verdict(result)
     if services.audit is None or result.decision is Decision.PASS:
         return
     record = {

@@ -209,12 +209,7 @@ def _full_response(services: Services, prep: Prepared, result: GenerationResult)
         "choices": [choice], "usage": usage(result.prompt_tokens, result.completion_tokens),
         "guard": result.guard_object(),
     }  # fmt: skip
-    headers = {
-        "X-Guard-Risk": "none" if result.risk is None else f"{result.risk:.6f}",
-        "X-Guard-Decision": result.decision.value,
-        "X-Request-ID": prep.request_id,
-    }
-    return JSONResponse(body, headers=headers)
+    return JSONResponse(body, headers=result.headers(prep.request_id))
 
 
 def _chunk(
@@ -290,14 +285,9 @@ def _usage_chunk(prep: Prepared, result: GenerationResult) -> str:
 
 async def _record(services: Services, prep: Prepared, result: GenerationResult) -> None:
     """Metrics for a finished answer, and its audit line when flagged or abstained."""
-    metrics = services.metrics
     if result.finish_reason == "cancelled":
         return
-    metrics.decisions.labels(decision=result.decision.value).inc()
-    if result.risk is not None:
-        metrics.answer_risk.observe(result.risk)
-    if result.aborted:
-        metrics.aborts.inc()
+    services.metrics.observe_verdict(result)
     if services.audit is None or result.decision is Decision.PASS:
         return
     record = {

@@ -14,6 +14,8 @@ from guard.probe import (
     PlattCalibrator,
     ProbeManifest,
     ProbeWeights,
+    ScopeRecipe,
+    ScopeWeights,
     ScoringRecipe,
     Thresholds,
     save_probe,
@@ -75,8 +77,12 @@ def write_probe(
     bias: float = 0.0,
     scale: float = 1.0,
     name: str = "tiny-probe",
+    scope_bias: float | None = None,
 ) -> Path:
-    """A probe on a few neurons of both layers with fixed weights; returns its directory."""
+    """A probe on a few neurons of both layers with fixed weights; returns its directory.
+
+    ``scope_bias`` adds a scope gate (fixed random weights, threshold 0.5): a large
+    positive bias puts every prompt in scope, a large negative one none."""
     layers = np.array([0, 0, 1, 1, 1], dtype=np.int64)
     neurons = np.array([3, 17, 5, 40, 63], dtype=np.int64)
     weights = np.array([2.0, -1.5, 1.0, 3.0, -0.5], dtype=np.float64) * scale
@@ -91,5 +97,13 @@ def write_probe(
         validation_risk_quantiles={"0.5": 0.4, "0.9": 0.8},
         training={"model_spec": "tiny"},
     )
-    save_probe(directory, manifest, ProbeWeights(layers, neurons, weights, bias))
+    scope = None
+    if scope_bias is not None:
+        hidden = int(loaded.model.config.hidden_size)
+        scope_weights = np.random.default_rng(7).normal(0.0, 0.5, hidden)
+        scope = ScopeWeights(scope_weights, scope_bias)
+        manifest = manifest.model_copy(
+            update={"scope": ScopeRecipe(hidden_size=hidden, threshold=0.5)}
+        )
+    save_probe(directory, manifest, ProbeWeights(layers, neurons, weights, bias), scope=scope)
     return directory

@@ -1,0 +1,110 @@
+"""The scope gate: is this prompt one the probe can judge (a short factual question)?
+
+The probe learned what hallucinated *short factual answers* look like. On chit-chat,
+creative writing or code its risk means little (a haiku "looks like" a made-up answer),
+so a probe artifact may carry a gate: a logistic regression on the model's final hidden
+state (the LM head's input) at the last prompt token, where the model is about to
+answer. The gate costs one dot product per request: generation computes that state
+anyway. Trained offline by `probes.scope` and stored in the artifact (`scope.npz`, the
+manifest's `scope` recipe with its threshold).
+
+Out of scope, the answer's risk is still computed and reported, but the policy neither
+flags, abstains nor aborts: the decision is ``pass`` and ``guard.scope.in_scope`` is
+false. Artifacts without a gate judge every prompt.
+
+    gate = ScopeGate.from_probe(probe, model)         # None when the probe has no gate
+    with FinalHiddenCapture(model) as hidden:
+        model(input_ids, logits_to_keep=1)
+    verdicts = gate.judge(hidden.last_positions())   # one ScopeVerdict per row
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from guard.errors import CaptureError, ProbeModelMismatchError
+from guard.probe import Probe
+from guard.results import ScopeVerdict
+
+
+def _lm_head(model: nn.Module) -> nn.Module:
+    """The model's output embeddings (transformers' ``get_output_embeddings``)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if not isinstance(head, nn.Module):
+        raise CaptureError(f"{type(model).__name__} has no output embeddings (LM head)")
+    return head
+
+
+class FinalHiddenCapture:
+    """Record the LM head's input (the final hidden states) of forward passes.
+
+    ``positions`` per row picks which position to keep (default: the last one, which is
+    also the only one when the model is called with ``logits_to_keep=1``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._head = _lm_head(model)
+        self._handle: RemovableHandle | None = None
+        self._hidden: torch.Tensor | None = None
+
+    def __enter__(self) -> FinalHiddenCapture:
+        self._handle = self._head.register_forward_pre_hook(self._record)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _record(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self._hidden = args[0].detach()
+
+    def take(self, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``[batch, hidden]`` float32 from the newest pass: the last position of every
+        row, or ``positions[i]`` of row ``i``. Clears what it returns."""
+        hidden, self._hidden = self._hidden, None
+        if hidden is None:
+            raise CaptureError("no forward pass reached the LM head inside the capture")
+        if positions is None:
+            return hidden[:, -1].float()
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, positions.to(hidden.device)].float()
+
+
+class ScopeGate:
+    """A probe's scope gate bound to a model: ``judge`` hidden states into verdicts."""
+
+    def __init__(self, weights: np.ndarray, bias: float, threshold: float) -> None:
+        self.weights = torch.as_tensor(weights, dtype=torch.float32)
+        self.bias = float(bias)
+        self.threshold = float(threshold)
+
+    @classmethod
+    def from_probe(cls, probe: Probe, model: nn.Module) -> ScopeGate | None:
+        """The probe's gate, checked against the model's hidden size; None without one."""
+        recipe, weights = probe.manifest.scope, probe.scope
+        if recipe is None or weights is None:
+            return None
+        head = _lm_head(model)
+        weight = getattr(head, "weight", None)
+        hidden = int(weight.shape[1]) if isinstance(weight, torch.Tensor) else -1
+        if hidden != recipe.hidden_size:
+            raise ProbeModelMismatchError(
+                f"probe '{probe.name}': its scope gate reads {recipe.hidden_size} hidden "
+                f"units, the model's LM head takes {hidden}"
+            )
+        return cls(weights.weights, weights.bias, recipe.threshold)
+
+    def probabilities(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``p(in scope)`` per row of ``hidden`` ``[batch, hidden]``."""
+        return torch.sigmoid(hidden.float() @ self.weights.to(hidden.device) + self.bias)
+
+    def judge(self, hidden: torch.Tensor) -> list[ScopeVerdict]:
+        return [
+            ScopeVerdict(in_scope=p >= self.threshold, score=p)
+            for p in self.probabilities(hidden).tolist()
+        ]
