@@ -100,6 +100,7 @@ def expressions_of(dashboard: dict[str, Any], predicate: str) -> str:
         ("validation", ["hguard_probe_validation_risk_quantile", "hguard_answer_risk_bucket"]),
         ("decisions", ["hguard_decisions_total", "by (decision)"]),
         ("abort", ["hguard_aborts_total"]),
+        ("out-of-scope", ["hguard_out_of_scope_total"]),
         ("queue depth", ["hguard_queue_depth"]),
         ("batch size", ["hguard_batch_size_bucket"]),
         ("model and probe", ["hguard_build_info"]),
