@@ -43,6 +43,7 @@ def _score(args: argparse.Namespace) -> int:
 
 def _probes_build(args: argparse.Namespace) -> int:
     from probes.build import BuildConfig, build
+    from probes.scope import ScopeConfig
 
     config = BuildConfig(
         dataset=args.dataset,
@@ -52,6 +53,7 @@ def _probes_build(args: argparse.Namespace) -> int:
         samples=args.samples,
         batch_size=args.batch_size,
         work_dir=args.work_dir,
+        scope=None if args.no_scope_gate else ScopeConfig(),
     )
     build(config)
     return 0
@@ -104,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--samples", type=int, default=0, help="extra sampled answers per question")
     build.add_argument("--batch-size", type=int, default=32)
     build.add_argument("--work-dir", type=Path, help="answers, features (default: OUT-work)")
+    build.add_argument(
+        "--no-scope-gate", action="store_true", help="judge every prompt (no scope gate)"
+    )
     build.set_defaults(func=_probes_build)
 
     evaluate = probe_commands.add_parser("evaluate", help="evaluate a probe against baselines")

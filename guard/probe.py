@@ -42,7 +42,7 @@ SKLEARN_FILE = "probe.joblib"
 DEFAULT_PROBE_DIR = Path(__file__).parent / "default_probe"
 # sha256 of the shipped default probe's manifest.json: an edited manifest is refused.
 # Empty until the default probe is trained (then `hguard probes build` prints it).
-DEFAULT_PROBE_SHA256 = "96798db77ef95f6c75d2ee2fb801c249d5a56b028ac53aab8093a6945f20d527"
+DEFAULT_PROBE_SHA256 = "43220fd34a0452718cc01ef0c8faedada3419dc6608062c1054699d1204cc176"
 
 StatName = Literal["length", "mean_logprob", "min_logprob", "mean_entropy", "max_entropy"]
 STAT_NAMES: tuple[StatName, ...] = (

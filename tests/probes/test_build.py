@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from guard.probe import SKLEARN_FILE, load_probe
+from guard.probe import SCOPE_FILE, SKLEARN_FILE, load_probe
 from guard.scoring import RiskScorer
 from probes.build import BuildConfig, build, export_probe
 from probes.collect import read_answers
@@ -42,12 +42,16 @@ def test_build_writes_a_verified_artifact(tiny_build: tuple[BuildConfig, str]) -
     assert manifest.scoring.stacker is not None
     assert {"report.json", SKLEARN_FILE, "test.roc.png"} <= set(manifest.files)
     assert "test" in manifest.evaluation and "auroc_ci95" in manifest.evaluation["test"]["probe"]
+    assert manifest.scope is not None and SCOPE_FILE in manifest.files
+    assert probe.scope is not None and probe.scope.weights.size == manifest.scope.hidden_size
+    assert 0.0 <= manifest.scope.evaluation["val_questions_in_scope"] <= 1.0
 
 
 def test_build_report_times_every_stage(tiny_build: tuple[BuildConfig, str]) -> None:
     config, _ = tiny_build
     report = json.loads((config.out / "report.json").read_text())
-    stages = {"load_model", "load_questions", "collect", "extract", "train", "evaluate"}
+    stages = {"load_model", "load_questions", "collect", "extract", "train", "scope_gate"}
+    stages |= {"evaluate"}
     assert stages <= set(report["timings"])
     assert report["peak_rss_mb"] > 0 and report["wall_s"] > 0
     assert report["sparsity_curve"] and "val" in report["sparsity_curve"][0]
@@ -72,6 +76,7 @@ def test_export_drops_the_pickle_and_still_verifies(
     assert SKLEARN_FILE not in shipped.manifest.files
     assert not (tmp_path / "shipped" / SKLEARN_FILE).exists()
     assert "report.json" in shipped.manifest.files
+    assert shipped.scope is not None and shipped.manifest.scope is not None  # the gate travels
 
 
 def test_token_by_token_scoring_equals_feature_scoring(tiny_build: tuple[BuildConfig, str]) -> None:
@@ -117,6 +122,10 @@ def test_real_build_on_300_triviaqa_questions(tmp_path: Path) -> None:
     assert probe.weights.weights.size > 0
     report = json.loads((config.out / "report.json").read_text())
     assert report["timings"]["collect"]["wall_s"] > 0
+    scope = probe.manifest.scope
+    assert scope is not None and scope.hidden_size == 576
+    assert scope.evaluation["val_questions_in_scope"] >= 0.9
+    assert scope.evaluation["open_prompts_rejected_oof"] >= 0.5  # a gate that separates
 
 
 def test_shipped_default_probe_is_small_pinned_and_described() -> None:
@@ -134,6 +143,8 @@ def test_shipped_default_probe_is_small_pinned_and_described() -> None:
     assert quantiles == sorted(quantiles)
     assert manifest.thresholds.goals["abstain"]["coverage"] > 0
     assert int((probe.weights.weights > 0).sum()) == manifest.training["h_neurons"] > 0
+    assert manifest.scope is not None and probe.scope is not None
+    assert manifest.scope.evaluation["val_questions_in_scope"] >= 0.98
 
 
 @pytest.mark.slow
