@@ -16,6 +16,7 @@ import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import TracebackType
 
 import torch
@@ -61,8 +62,12 @@ class MLPLayer:
             raise UnsupportedArchitectureError(f"{self.name} has no weight tensor")
         return weight.T if self.transposed else weight
 
+    @cached_property
     def column_norms(self) -> torch.Tensor:
-        """``||W_down[:, j]||_2`` for every neuron ``j``: ``[neurons]``, float32."""
+        """``||W_down[:, j]||_2`` for every neuron ``j``: ``[neurons]``, float32.
+
+        Computed once per `MLPLayer` (a guarded model keeps its layers, so a request does
+        not pay for it); call `find_mlp_layers` again after editing the weights."""
         with torch.no_grad():
             return self.weight_matrix().float().norm(dim=0)
 
@@ -162,7 +167,7 @@ class NeuronCapture:
                     f"layer {index} does not exist: the model has MLP layers 0..{len(by_index) - 1}"
                 )
             layer = by_index[index]
-            norms = layer.column_norms()
+            norms = layer.column_norms
             selected: torch.Tensor | None = None
             if neurons is not None:
                 selected = torch.as_tensor(list(neurons[index]), dtype=torch.long)

@@ -80,7 +80,7 @@ def manual_features(loaded: LoadedModel, record: AnswerRecord) -> dict[str, np.n
         return record
 
     handles = [
-        layer.module.register_forward_hook(hook(layer.index, layer.column_norms()))
+        layer.module.register_forward_hook(hook(layer.index, layer.column_norms))
         for layer in layers
     ]
     ids = torch.tensor([record.prompt_ids + record.response_ids])
