@@ -64,13 +64,15 @@ class TokenEvent:
     """One scored response token as it is produced.
 
     ``delta`` is the answer text that became safe to send with it (possibly empty: text
-    that may start a stop string, or half a UTF-8 character, is held back).
+    that may start a stop string, or half a UTF-8 character, is held back). ``scope`` is
+    the request's scope verdict (known from the prompt pass on), None without a gate.
     """
 
     index: int
     token: TokenRisk
     delta: str
     running_risk: float | None
+    scope: ScopeVerdict | None = None
 
 
 class GenerationSink(Protocol):
@@ -164,7 +166,8 @@ class _Row:
         token = TokenRisk(token_id, text, risk)
         self.tokens.append(token)
         delta = self.tracker.push(token_id)
-        self.request.sink.on_token(TokenEvent(len(self.tokens) - 1, token, delta, running))
+        event = TokenEvent(len(self.tokens) - 1, token, delta, running, self.scope)
+        self.request.sink.on_token(event)
         policy = self.engine.info.policy
         if self.tracker.stopped:
             self.finish("stop")

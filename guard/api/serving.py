@@ -244,8 +244,9 @@ async def _sse(services: Services, prep: Prepared, ticket: Ticket) -> AsyncItera
             item = await ticket.next(_left(deadline))
             if isinstance(item, TokenEvent):
                 timer.tick()
+                scope = item.scope.as_json() if item.scope is not None else None
                 guard = {"risk": item.running_risk, "tokens": [item.token.as_json()],
-                         "guarded": guarded}  # fmt: skip
+                         "scope": scope, "guarded": guarded}  # fmt: skip
                 yield _chunk(prep, item.delta, None, guard)
                 continue
             await _record(services, prep, item)

@@ -90,6 +90,30 @@ def test_stream_abort_ends_with_content_filter(
     assert len(events) == 1 + 2 + 1  # role, two tokens, verdict
 
 
+@pytest.mark.parametrize("scope_bias", [-50.0, 50.0])
+def test_scope_gate_over_http(
+    make_app: AppFactory, tiny_model: LoadedModel, tmp_path: Path, scope_bias: float
+) -> None:
+    """Out of scope: the answer passes (with its risk), is counted, and every chunk says so;
+    in scope the same thresholds abstain."""
+    probe = load_probe(
+        write_probe(tmp_path, tiny_model, flag=0.0, abstain=0.0, scope_bias=scope_bias)
+    )
+    app = make_app(guarded=GuardedModel(tiny_model, probe))
+    in_scope = scope_bias > 0
+    with TestClient(app) as client:
+        body = client.post("/v1/chat/completions", json=CHAT).json()
+        with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            events = _events(list(r.iter_lines()))
+        registry = services_of(app).registry
+        out_of_scope = registry.get_sample_value("hguard_out_of_scope_total")
+    assert body["guard"]["scope"]["in_scope"] is in_scope
+    assert body["guard"]["risk"] is not None
+    assert body["guard"]["decision"] == ("abstain" if in_scope else "pass")
+    assert all(e["guard"]["scope"]["in_scope"] is in_scope for e in events[1:])
+    assert out_of_scope == (0.0 if in_scope else 2.0)
+
+
 def test_abstain_replaces_answer_and_is_audited(
     make_app: AppFactory, tiny_model: LoadedModel, tmp_path: Path
 ) -> None:
