@@ -55,14 +55,16 @@ def _started(request: Request) -> float:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, services: ServicesDep, rid: RequestIdDep
 ) -> Response:
-    return await respond(services, prepare_chat(services, body, rid, _started(request)))
+    prep = prepare_chat(services, body, rid, _started(request))
+    return await respond(services, prep, request.is_disconnected)
 
 
 @v1.post("/completions", responses=STREAMABLE)
 async def completions(
     body: CompletionRequest, request: Request, services: ServicesDep, rid: RequestIdDep
 ) -> Response:
-    return await respond(services, prepare_completion(services, body, rid, _started(request)))
+    prep = prepare_completion(services, body, rid, _started(request))
+    return await respond(services, prep, request.is_disconnected)
 
 
 @v1.get("/models")

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -125,8 +125,15 @@ def prepare_completion(
     return _prepared(services, "text", body, ids, rid, started)
 
 
-async def respond(services: Services, prep: Prepared) -> Response:
-    """Queue the request; a JSON body or an SSE stream."""
+Disconnected = Callable[[], Awaitable[bool]]
+DISCONNECT_POLL_S = 0.25
+
+
+async def respond(
+    services: Services, prep: Prepared, disconnected: Disconnected | None = None
+) -> Response:
+    """Queue the request; a JSON body or an SSE stream. A non-streamed request whose
+    client hangs up (``disconnected()`` turns true) stops generating within a poll."""
     _, batcher = services.require_ready()
     ticket = batcher.submit(prep.prompt_ids, prep.params)
     services.metrics.prompt_tokens.inc(len(prep.prompt_ids))
@@ -136,16 +143,33 @@ async def respond(services: Services, prep: Prepared) -> Response:
             media_type="text/event-stream",
             headers={"X-Request-ID": prep.request_id, "Cache-Control": "no-cache"},
         )
+    collecting = asyncio.ensure_future(_collect(services, prep, ticket))
+    watching = asyncio.ensure_future(_watch(disconnected))
     try:
         async with asyncio.timeout(services.settings.request_timeout_s):
-            result = await _collect(services, prep, ticket)
+            await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
     except TimeoutError:
-        ticket.cancel()
         raise _timeout(services) from None
     finally:
         ticket.cancel()  # no-op once finished; frees the row if the client went away
+        watching.cancel()
+        if not collecting.done():
+            collecting.cancel()
+    if not collecting.done():  # the client hung up: nobody reads this
+        log.info("request %s: client went away, generation stopped", prep.request_id)
+        return Response(status_code=499)
+    result = collecting.result()
     await _record(services, prep, result)
     return _full_response(services, prep, result)
+
+
+async def _watch(disconnected: Disconnected | None) -> None:
+    """Return once the client has hung up (never, without a way to ask)."""
+    if disconnected is None:
+        await asyncio.Event().wait()
+        return
+    while not await disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
 
 
 def _timeout(services: Services) -> APIError:

@@ -103,11 +103,12 @@ def test_dropped_streams_stop_generating_and_free_everything(
 def test_abandoned_non_streamed_request_frees_its_row(
     server: tuple[str, CollectorRegistry],
 ) -> None:
-    """A client that gives up on a non-streamed request (timeout) leaves nothing behind: the
-    row ends (at the latest at max_tokens) and the gauges return to zero."""
+    """A client that hangs up on a non-streamed request stops its generation within a few
+    steps (the server polls for the disconnect) and leaves nothing behind."""
     url, registry = server
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": MAX_TOKENS, "temperature": 0}  # fmt: skip
+    tokens_before = _settled(registry)
     before = _chat_requests(registry)
     # A raw socket that sends the request and hangs up without reading: the client always
     # gives up first (a read timeout raced sampled answers that end early).
@@ -128,7 +129,8 @@ def test_abandoned_non_streamed_request_frees_its_row(
     while registry.get_sample_value("hguard_requests_in_flight") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert registry.get_sample_value("hguard_requests_in_flight") == 0
-    _settled(registry)
+    generated = _settled(registry) - tokens_before
+    assert generated < MAX_TOKENS / 2, f"{generated:.0f} of {MAX_TOKENS} tokens after the hang-up"
     assert registry.get_sample_value("hguard_queue_depth") == 0
 
 
