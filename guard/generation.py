@@ -84,6 +84,7 @@ class GuardedModel:
         policy: Policy | None = None,
         overrides: ThresholdOverrides | None = None,
         scope_gate: bool = True,
+        scope_threshold: float | None = None,
     ) -> None:
         self.loaded = loaded
         self.probe = probe
@@ -93,7 +94,7 @@ class GuardedModel:
             probe.verify_model(loaded.fingerprint)
             self.scorer = RiskScorer(probe, device=self.device)
             if scope_gate:
-                self.scope_gate = ScopeGate.from_probe(probe, loaded.model)
+                self.scope_gate = ScopeGate.from_probe(probe, loaded.model, scope_threshold)
             policy = policy or Policy.from_probe(probe.manifest.thresholds, overrides)
         self.policy = policy or _UNGUARDED_POLICY
         self.info = GuardInfo(

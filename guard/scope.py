@@ -84,8 +84,11 @@ class ScopeGate:
         self.threshold = float(threshold)
 
     @classmethod
-    def from_probe(cls, probe: Probe, model: nn.Module) -> ScopeGate | None:
-        """The probe's gate, checked against the model's hidden size; None without one."""
+    def from_probe(
+        cls, probe: Probe, model: nn.Module, threshold: float | None = None
+    ) -> ScopeGate | None:
+        """The probe's gate, checked against the model's hidden size; None without one.
+        ``threshold`` overrides the manifest's (``GUARD_SCOPE_THRESHOLD``)."""
         recipe, weights = probe.manifest.scope, probe.scope
         if recipe is None or weights is None:
             return None
@@ -97,7 +100,8 @@ class ScopeGate:
                 f"probe '{probe.name}': its scope gate reads {recipe.hidden_size} hidden "
                 f"units, the model's LM head takes {hidden}"
             )
-        return cls(weights.weights, weights.bias, recipe.threshold)
+        chosen = recipe.threshold if threshold is None else threshold
+        return cls(weights.weights, weights.bias, chosen)
 
     def probabilities(self, hidden: torch.Tensor) -> torch.Tensor:
         """``p(in scope)`` per row of ``hidden`` ``[batch, hidden]``."""

@@ -58,6 +58,9 @@ class GuardSettings(BaseSettings):
         default=True,
         description="let the probe's scope gate pass prompts it does not judge (false: judge all)",
     )
+    scope_threshold: Probability | None = Field(
+        default=None, description="override the gate's threshold on p(short factual question)"
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

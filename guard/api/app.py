@@ -60,7 +60,10 @@ def load_guarded(settings: GuardSettings) -> GuardedModel:
         spec = str(training.get("model_spec", DEFAULT_MODEL_SPEC))
     loaded = load_model(spec)
     try:
-        return GuardedModel(loaded, probe, overrides=settings, scope_gate=settings.scope_gate)
+        return GuardedModel(
+            loaded, probe, overrides=settings, scope_gate=settings.scope_gate,
+            scope_threshold=settings.scope_threshold,
+        )  # fmt: skip
     except ProbeError as exc:
         _refuse_or_warn(settings, exc)
         return GuardedModel(loaded, None)
@@ -80,8 +83,9 @@ def start_services(services: Services, guarded: GuardedModel) -> None:
     settings, metrics = services.settings, services.metrics
     if guarded.probe is not None:  # the settings' threshold overrides apply to any model given
         guarded = GuardedModel(
-            guarded.loaded, guarded.probe, overrides=settings, scope_gate=settings.scope_gate
-        )
+            guarded.loaded, guarded.probe, overrides=settings, scope_gate=settings.scope_gate,
+            scope_threshold=settings.scope_threshold,
+        )  # fmt: skip
     services.guarded = guarded
     services.served_model_name = settings.served_model_name or guarded.model_id
     services.batcher = MicroBatcher(

@@ -135,3 +135,12 @@ def test_gate_can_be_switched_off(loaded: LoadedModel, tmp_path: Path) -> None:
     result = guarded.score(messages=QUESTION, answer="The Nile")
     assert guarded.scope_gate is None and result.scope is None
     assert result.decision is Decision.ABSTAIN
+
+
+def test_threshold_override(loaded: LoadedModel, tmp_path: Path) -> None:
+    probe = load_probe(write_probe(tmp_path / "probe", loaded, scope_bias=0.0))
+    default = GuardedModel(loaded, probe).scope_gate
+    strict = GuardedModel(loaded, probe, scope_threshold=1.0)
+    assert default is not None and default.threshold == 0.5
+    assert strict.scope_gate is not None and strict.scope_gate.threshold == 1.0
+    assert not strict.score(messages=QUESTION, answer="The Nile").in_scope
