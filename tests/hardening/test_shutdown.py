@@ -73,10 +73,12 @@ def _start_streams(url: str, max_tokens: int, read_delay_s: float) -> list[Strea
     return clients
 
 
-def _serve(tiny_model_dir: Path, probe: Path, tmp_path: Path, grace_s: float) -> ServerProcess:
+def _serve(
+    tiny_model_dir: Path, probe: Path, tmp_path: Path, grace_s: float, max_new_tokens: int = 400
+) -> ServerProcess:
     server = hguard_serve(
         tiny_model_dir, probe, tmp_path / "serve.log", served_model_name=SERVED,
-        max_new_tokens=400, shutdown_grace_s=grace_s, audit_log=tmp_path / "audit.jsonl",
+        max_new_tokens=max_new_tokens, shutdown_grace_s=grace_s, audit_log=tmp_path / "audit.jsonl",
         flag_threshold=0.0, abstain_threshold=1.0,  # every answer flagged: every one audited
     )  # fmt: skip
     return server
@@ -128,11 +130,15 @@ def test_sigterm_drains_streams_refuses_new_requests_and_exits_0(
 def test_grace_period_bounds_the_drain(
     tiny_model_dir: Path, disk_probe: Path, tmp_path: Path
 ) -> None:
-    """Streams slower than the grace period do not hold the process: it exits 0 after it."""
-    grace_s = 2.0
-    with running(_serve(tiny_model_dir, disk_probe, tmp_path, grace_s)) as server:
+    """Streams slower than the grace period do not hold the process: it exits 0 after it.
+
+    The streams are long (4,000 tokens, read slowly) so that they outlast the grace period
+    even when generation is fast: 300 tokens of the tiny model can all be generated and
+    buffered in the socket within 2 s, and then an early exit is correct."""
+    grace_s, tokens = 2.0, 4000
+    with running(_serve(tiny_model_dir, disk_probe, tmp_path, grace_s, tokens)) as server:
         server.wait_ready()
-        clients = _start_streams(server.base_url, max_tokens=300, read_delay_s=0.2)
+        clients = _start_streams(server.base_url, max_tokens=tokens, read_delay_s=0.2)
         signalled = time.monotonic()
         server.terminate()
         code = server.proc.wait(grace_s + EXIT_SLACK_S)
@@ -145,4 +151,5 @@ def test_grace_period_bounds_the_drain(
     while any(c.finished_at is None for c in clients) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert all(c.finished_at is not None for c in clients), "a client hangs after the exit"
+    assert any(not c.done for c in clients), "every stream finished within the grace period"
     _whole_lines(tmp_path / "audit.jsonl")
