@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from guard.decoding import GenerationRequest, SamplingParams, TokenEvent
-from guard.forcing import prompt_hidden
 from guard.generation import GuardedModel
 from guard.results import GenerationResult
 
@@ -114,6 +114,7 @@ def summarise(verdicts: list[dict[str, Any]]) -> dict[str, Any]:
 def factual_in_scope(guarded: GuardedModel, limit: int, batch_size: int) -> dict[str, Any]:
     """Share of factual questions (as users type them) the gate keeps in scope."""
     from probes.datasets import load_questions, split_of
+    from probes.scope import hidden_states
 
     gate = guarded.scope_gate
     if gate is None:
@@ -127,13 +128,9 @@ def factual_in_scope(guarded: GuardedModel, limit: int, batch_size: int) -> dict
         if name == "triviaqa_test":
             items = [item for item in items if split_of(item.id) == "test"]
         items = items[:limit]
-        prompts = [guarded.encode_chat([{"role": "user", "content": i.question}]) for i in items]
-        order = np.argsort([len(p) for p in prompts], kind="stable")
-        scores = np.zeros(len(prompts))
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            hidden = prompt_hidden(guarded.loaded.model, [prompts[i] for i in rows], guarded.pad_id)
-            scores[rows] = gate.probabilities(hidden).numpy()
+        conversations = [[{"role": "user", "content": i.question}] for i in items]
+        hidden = torch.as_tensor(hidden_states(guarded.loaded, conversations, batch_size))
+        scores = gate.probabilities(hidden).numpy()
         out[name] = {"n": len(items), "in_scope_rate": float(np.mean(scores >= gate.threshold))}
     return out
 

@@ -39,7 +39,14 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from guard.forcing import position_ids_for
 from guard.model import left_pad
 from guard.neurons import MLPLayer, NeuronCapture
-from guard.results import FinishReason, GenerationResult, GuardInfo, ScopeVerdict, TokenRisk
+from guard.results import (
+    FinishReason,
+    GenerationResult,
+    GuardInfo,
+    ScopeVerdict,
+    TokenRisk,
+    judged,
+)
 from guard.sampling import SamplingParams, TextTracker, sample_next
 from guard.scope import FinalHiddenCapture, ScopeGate
 from guard.scoring import AnswerStats, RiskScorer, RunningStats, logit_statistics
@@ -174,7 +181,7 @@ class _Row:
         elif (
             self.params.abort
             and running is not None
-            and (self.scope is None or self.scope.in_scope)
+            and judged(self.scope)
             and policy.should_abort(running, len(self.tokens))
         ):
             self.finish("content_filter", aborted=True)
@@ -190,8 +197,7 @@ class _Row:
         risk = None
         if scorer is not None and self.running.length:
             risk = scorer.answer_risk(self.running.stats())
-        in_scope = self.scope is None or self.scope.in_scope
-        decision = info.policy.decide(risk, in_scope=in_scope)
+        decision = info.policy.decide(risk, in_scope=judged(self.scope))
         if aborted:
             decision = type(decision).ABSTAIN
         return GenerationResult(

@@ -13,6 +13,7 @@ that *predicted* it (ARCHITECTURE.md, "position").
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -73,10 +74,11 @@ def teacher_force(
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     width = input_ids.shape[1]
+    hidden_capture = FinalHiddenCapture(model) if with_prompt_hidden else contextlib.nullcontext()
     with (
         torch.inference_mode(),
         NeuronCapture(model, neurons, layers=layers) as capture,
-        FinalHiddenCapture(model) as hidden,
+        hidden_capture as hidden,
     ):
         logits = model(
             input_ids=input_ids,
@@ -85,8 +87,10 @@ def teacher_force(
             use_cache=False,
         ).logits
         cett = dict(capture.items())
-        prompt_ends = torch.as_tensor([width - len(r) - 1 for r in responses])
-        prompt_states = hidden.take(prompt_ends).cpu() if with_prompt_hidden else None
+        prompt_states = None
+        if hidden is not None:
+            prompt_ends = torch.as_tensor([width - len(r) - 1 for r in responses])
+            prompt_states = hidden.take(prompt_ends).cpu()
     traces = []
     for row, response in enumerate(responses):
         start = width - len(response)  # first response position (left padding)

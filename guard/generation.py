@@ -39,7 +39,7 @@ from guard.model import LoadedModel, encode_chats, end_token_ids, load_model
 from guard.neurons import find_mlp_layers
 from guard.policy import Policy, ThresholdOverrides
 from guard.probe import Probe, PromptRecipe, load_probe
-from guard.results import GenerationResult, GuardInfo, ScoreResult, TokenRisk
+from guard.results import GenerationResult, GuardInfo, ScoreResult, TokenRisk, judged
 from guard.scope import ScopeGate
 from guard.scoring import AnswerStats, RiskScorer
 
@@ -246,5 +246,5 @@ class GuardedModel:
             for i, t, r in zip(response_ids, texts, token_risks, strict=True)
         ]
         layers = layer_shares(scorer, per_layer.sum(axis=1), len(response_ids))
-        decision = self.policy.decide(risk, in_scope=scope is None or scope.in_scope)
+        decision = self.policy.decide(risk, in_scope=judged(scope))
         return ScoreResult(self.info, risk, decision, tokens, layers, scope=scope)

@@ -47,6 +47,11 @@ class ScopeVerdict:
         return {"in_scope": self.in_scope, "score": self.score}
 
 
+def judged(scope: ScopeVerdict | None) -> bool:
+    """Whether the policy judges an answer: no gate, or the gate put its prompt in scope."""
+    return scope is None or scope.in_scope
+
+
 @dataclass(frozen=True)
 class TokenRisk:
     """One response token: its id, its own text and its display risk (None unguarded)."""
@@ -77,7 +82,7 @@ class ScoreResult:
 
     @property
     def in_scope(self) -> bool:
-        return self.scope is None or self.scope.in_scope
+        return judged(self.scope)
 
     @property
     def token_ids(self) -> list[int]:

@@ -33,7 +33,7 @@ from guard.batching import MicroBatcher
 from guard.errors import ProbeError
 from guard.generation import GuardedModel
 from guard.metrics import GuardMetrics
-from guard.model import DEFAULT_MODEL_SPEC, load_model
+from guard.model import DEFAULT_MODEL_SPEC, LoadedModel, load_model
 from guard.probe import Probe, load_probe
 from guard.settings import GuardSettings, get_settings
 
@@ -60,13 +60,18 @@ def load_guarded(settings: GuardSettings) -> GuardedModel:
         spec = str(training.get("model_spec", DEFAULT_MODEL_SPEC))
     loaded = load_model(spec)
     try:
-        return GuardedModel(
-            loaded, probe, overrides=settings, scope_gate=settings.scope_gate,
-            scope_threshold=settings.scope_threshold,
-        )  # fmt: skip
+        return configured(loaded, probe, settings)
     except ProbeError as exc:
         _refuse_or_warn(settings, exc)
         return GuardedModel(loaded, None)
+
+
+def configured(loaded: LoadedModel, probe: Probe | None, settings: GuardSettings) -> GuardedModel:
+    """The guarded model with the settings' threshold and scope-gate overrides."""
+    return GuardedModel(
+        loaded, probe, overrides=settings, scope_gate=settings.scope_gate,
+        scope_threshold=settings.scope_threshold,
+    )  # fmt: skip
 
 
 def _refuse_or_warn(settings: GuardSettings, exc: ProbeError) -> None:
@@ -82,10 +87,7 @@ def start_services(services: Services, guarded: GuardedModel) -> None:
     """Wire a loaded model into the services and start the worker."""
     settings, metrics = services.settings, services.metrics
     if guarded.probe is not None:  # the settings' threshold overrides apply to any model given
-        guarded = GuardedModel(
-            guarded.loaded, guarded.probe, overrides=settings, scope_gate=settings.scope_gate,
-            scope_threshold=settings.scope_threshold,
-        )  # fmt: skip
+        guarded = configured(guarded.loaded, guarded.probe, settings)
     services.guarded = guarded
     services.served_model_name = settings.served_model_name or guarded.model_id
     services.batcher = MicroBatcher(
