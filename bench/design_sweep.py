@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from guard.model import ModelFingerprint
+from guard.fingerprint import ModelFingerprint
 from guard.probe import Probe
 from probes.assemble import assemble_probe, train_served_probe
 from probes.build import BuildConfig

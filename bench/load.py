@@ -33,6 +33,8 @@ import httpx
 import numpy as np
 from overhead import questions, synthetic_probe  # bench/ is on sys.path as the script's dir
 
+from guard.model import DEFAULT_MODEL_SPEC
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--model", default=DEFAULT_MODEL_SPEC)
     parser.add_argument("--probe", help="probe directory (default: shipped, else synthetic)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)

@@ -34,7 +34,13 @@ import torch  # noqa: E402
 from guard.decoding import GenerationRequest, SamplingParams  # noqa: E402
 from guard.errors import ProbeError  # noqa: E402
 from guard.generation import CollectingSink, GuardedModel  # noqa: E402
-from guard.model import LoadedModel, left_pad, load_model  # noqa: E402
+from guard.model import (  # noqa: E402
+    DEFAULT_MODEL_SPEC,
+    LoadedModel,
+    left_pad,
+    load_model,
+    pad_token_id,
+)
 from guard.probe import (  # noqa: E402
     PlattCalibrator,
     Probe,
@@ -103,7 +109,7 @@ def _since(start: Timing) -> Timing:
 def plain_run(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int) -> Timing:
     """Wall and CPU seconds of ``model.generate`` on one batch of prompts."""
     tokenizer = loaded.tokenizer
-    input_ids, mask = left_pad(prompts, int(tokenizer.pad_token_id or 0))
+    input_ids, mask = left_pad(prompts, pad_token_id(tokenizer))
     started = _clock()
     with torch.inference_mode():
         loaded.model.generate(
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer prompts, tokens, repeats")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--model", default=DEFAULT_MODEL_SPEC)
     parser.add_argument("--probe", help="probe directory (default: shipped, else synthetic)")
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--repeats", type=int)

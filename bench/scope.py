@@ -30,7 +30,9 @@ import torch
 
 from guard.decoding import GenerationRequest, SamplingParams, TokenEvent
 from guard.generation import GuardedModel
+from guard.loading import load_guarded
 from guard.results import GenerationResult
+from guard.settings import GuardSettings
 
 PROMPTS = Path(__file__).parent / "data" / "scope_prompts.jsonl"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -147,7 +149,7 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = [json.loads(line) for line in PROMPTS.read_text(encoding="utf-8").splitlines()]
-    guarded = GuardedModel.from_spec(args.model, args.probe)
+    guarded = load_guarded(GuardSettings(model=args.model, probe=args.probe))
     started = time.perf_counter()
     verdicts = run(guarded, rows, args)
     summary = summarise(verdicts)

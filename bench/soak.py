@@ -33,6 +33,8 @@ from typing import Any
 import httpx
 import psutil
 
+from guard.model import DEFAULT_MODEL_SPEC
+
 SERVED = "soak"
 KINDS = ("chat", "chat-stream", "text", "text-stream", "chat", "chat-stream", "text", "score")
 CONCURRENCY = (1, 8, 4, 16, 2, 12)
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", default="smollm2", help="model spec for hguard serve")
+    parser.add_argument("--model", default=DEFAULT_MODEL_SPEC, help="model spec for hguard serve")
     parser.add_argument("--probe", default="default", help="probe dir, 'default' or 'random'")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--request-timeout", type=float, default=300.0)

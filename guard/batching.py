@@ -94,13 +94,6 @@ class Ticket:
             if isinstance(item, GenerationResult):
                 return
 
-    async def result(self) -> GenerationResult:
-        """Wait for the final result, skipping token events."""
-        async for item in self.events():
-            if isinstance(item, GenerationResult):
-                return item
-        raise RuntimeError("the event stream ended without a result")
-
 
 @dataclass
 class _Job:

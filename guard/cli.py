@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from guard.errors import GuardError
 
@@ -23,32 +24,38 @@ def _serve(args: argparse.Namespace) -> int:
     from guard.api.server import run_server
     from guard.settings import GuardSettings
 
-    overrides = {
+    settings = GuardSettings(**_model_and_probe(args))
+    return run_server(settings, host=args.host, port=args.port)
+
+
+def _model_and_probe(args: argparse.Namespace) -> dict[str, Any]:
+    """``--model`` / ``--probe`` as settings overrides (unset: the GUARD_* environment)."""
+    return {
         key: value
         for key, value in (("model", args.model), ("probe", args.probe))
         if value is not None
     }
-    settings = GuardSettings(**overrides)
-    return run_server(settings, host=args.host, port=args.port)
 
 
 def _score(args: argparse.Namespace) -> int:
-    from guard.generation import GuardedModel
+    from guard.loading import load_guarded
+    from guard.settings import GuardSettings
 
-    guarded = GuardedModel.from_spec(model=args.model, probe=args.probe)
+    guarded = load_guarded(GuardSettings(**_model_and_probe(args)))
     result = guarded.score(question=args.question, answer=args.answer)
     print(json.dumps(result.guard_object(), indent=2))
     return 0
 
 
 def _probes_build(args: argparse.Namespace) -> int:
-    from probes.build import BuildConfig, build
+    from probes.build import build
+    from probes.config import BuildConfig
     from probes.scope import ScopeConfig
 
     config = BuildConfig(
         dataset=args.dataset,
         out=args.out,
-        model=args.model,
+        **({"model": args.model} if args.model is not None else {}),
         limit=args.limit,
         samples=args.samples,
         batch_size=args.batch_size,
@@ -82,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the guarded model over HTTP")
-    serve.add_argument("--model", help="model spec (default: GUARD_MODEL or smollm2)")
+    serve.add_argument("--model", help="model spec (default: GUARD_MODEL or the probe's model)")
     serve.add_argument("--probe", help="probe directory or 'default' (default: GUARD_PROBE)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -101,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = probe_commands.add_parser("build", help="collect, judge, extract, train, save")
     build.add_argument("--dataset", required=True, type=Path, help="QA JSONL or parquet")
     build.add_argument("--out", required=True, type=Path, help="probe artifact directory")
-    build.add_argument("--model", default="smollm2", help="model spec")
+    build.add_argument("--model", help="model spec (default: the embedded SmolLM2)")
     build.add_argument("--limit", type=int, help="use the first N questions")
     build.add_argument("--samples", type=int, default=0, help="extra sampled answers per question")
     build.add_argument("--batch-size", type=int, default=32)

@@ -2,7 +2,7 @@
 
 One call decodes a batch of requests together (left-padded prompts, positions from the
 attention mask, one `DynamicCache`), inside one `NeuronCapture` on the probe's neurons.
-Per step and row (ARCHITECTURE.md, "position"):
+Per step and row (docs/ARCHITECTURE.md, "Position"):
 
 - the token sampled at step ``t`` is the input of step ``t + 1``: its CETT, hence its probe
   logit, is read there; its log-prob and entropy come from the raw logits of step ``t``
@@ -16,8 +16,10 @@ Per step and row (ARCHITECTURE.md, "position"):
 
 Sampling and stop strings live in `guard.sampling`.
 
-Per step there is one device-to-host copy, ``[batch, 3 + layers]`` floats: next ids,
-their log-prob and entropy, the fed tokens' probe logits and per-layer contributions.
+Per step there is one device-to-host copy, ``[batch, 4 + layers]`` floats: next ids,
+their log-prob and entropy, and the fed tokens' `RiskScorer.measure` (probe logit and
+per-layer parts). What the numbers mean is the scorer's business, what to do about them
+the policy's: the loop only measures and reports.
 
     decode_batch(engine, [GenerationRequest(prompt_ids, SamplingParams(max_tokens=32), sink)])
 """
@@ -37,19 +39,14 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from guard.forcing import position_ids_for
+from guard.hooks import Hook, ModelHooks
 from guard.model import left_pad
 from guard.neurons import MLPLayer, NeuronCapture
-from guard.results import (
-    FinishReason,
-    GenerationResult,
-    GuardInfo,
-    ScopeVerdict,
-    TokenRisk,
-    judged,
-)
+from guard.policy import Policy
+from guard.results import FinishReason, GenerationResult, GuardInfo, ScopeVerdict, TokenRisk
 from guard.sampling import SamplingParams, TextTracker, sample_next
 from guard.scope import FinalHiddenCapture, ScopeGate
-from guard.scoring import AnswerStats, RiskScorer, RunningStats, logit_statistics
+from guard.scoring import RiskScorer, RunningStats, logit_statistics
 
 __all__ = [
     "DecodeEngine",
@@ -61,7 +58,6 @@ __all__ = [
     "TokenEvent",
     "cache_argument",
     "decode_batch",
-    "layer_shares",
     "sample_next",
 ]
 
@@ -110,12 +106,13 @@ class StepInfo:
 
 @dataclass(frozen=True)
 class DecodeEngine:
-    """What the loop needs: model, tokenizer, the scorer (None = unguarded) and the scope
-    gate (None = every prompt in scope)."""
+    """What the loop needs: model, tokenizer, the scorer (None = unguarded), the policy
+    that decides, and the scope gate (None = every prompt in scope)."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     scorer: RiskScorer | None
+    policy: Policy
     info: GuardInfo
     end_ids: frozenset[int]
     mlp_layers: list[MLPLayer]
@@ -158,31 +155,28 @@ class _Row:
             self.pending = (next_id, float(values[1]), float(values[2]))
 
     def _score(self, pending: tuple[int, float, float], measured: Sequence[float]) -> None:
-        """Score the token fed in this step, send it, and decide whether the row ends."""
+        """Score the token fed in this step, send it, and ask the policy whether to go on."""
         token_id, logprob, entropy = pending
         scorer, risk, running = self.engine.scorer, None, None
+        index = len(self.tokens)
         if scorer is not None:
             s = float(measured[0])
-            shares = np.asarray(measured[1:], dtype=np.float64)
-            self.layer_sums = shares if self.layer_sums is None else self.layer_sums + shares
+            parts = np.asarray(measured[1:], dtype=np.float64)
+            self.layer_sums = parts if self.layer_sums is None else self.layer_sums + parts
             self.running.update(s, logprob, entropy)
-            n = self.running.length
-            risk = scorer.answer_risk(AnswerStats(s, n, logprob, logprob, entropy, entropy))
+            risk = scorer.token_risk(s, logprob, entropy, index)
             running = scorer.answer_risk(self.running.stats())
         text = str(self.engine.tokenizer.decode([token_id], skip_special_tokens=True))
         token = TokenRisk(token_id, text, risk)
         self.tokens.append(token)
         delta = self.tracker.push(token_id)
-        event = TokenEvent(len(self.tokens) - 1, token, delta, running, self.scope)
-        self.request.sink.on_token(event)
-        policy = self.engine.info.policy
+        self.request.sink.on_token(TokenEvent(index, token, delta, running, self.scope))
         if self.tracker.stopped:
             self.finish("stop")
         elif (
             self.params.abort
             and running is not None
-            and judged(self.scope)
-            and policy.should_abort(running, len(self.tokens))
+            and self.engine.policy.should_abort(running, len(self.tokens), self.scope)
         ):
             self.finish("content_filter", aborted=True)
         if not self.done and len(self.tokens) >= self.params.max_tokens:
@@ -193,33 +187,18 @@ class _Row:
         self.request.sink.on_finish(self._result(reason, aborted))
 
     def _result(self, reason: FinishReason, aborted: bool) -> GenerationResult:
-        info, scorer = self.engine.info, self.engine.scorer
-        risk = None
-        if scorer is not None and self.running.length:
+        engine, scorer = self.engine, self.engine.scorer
+        risk, layers = None, {}
+        if scorer is not None and self.layer_sums is not None:  # at least one token scored
             risk = scorer.answer_risk(self.running.stats())
-        decision = info.policy.decide(risk, in_scope=judged(self.scope))
-        if aborted:
-            decision = type(decision).ABSTAIN
+            layers = scorer.layer_shares(self.layer_sums, self.running.length)
         return GenerationResult(
-            info=info, risk=risk, decision=decision, tokens=list(self.tokens),
-            layers=layer_shares(scorer, self.layer_sums, self.running.length), aborted=aborted,
-            scope=self.scope, text=self.tracker.text, finish_reason=reason,
+            info=engine.info, risk=risk,
+            decision=engine.policy.decide(risk, scope=self.scope, aborted=aborted),
+            tokens=list(self.tokens), layers=layers, aborted=aborted, scope=self.scope,
+            text=self.tracker.text, finish_reason=reason,
             prompt_tokens=len(self.request.prompt_ids), trailing=self.tracker.flush(),
         )  # fmt: skip
-
-
-def layer_shares(
-    scorer: RiskScorer | None, sums: np.ndarray | None, length: int
-) -> dict[int, float]:
-    """Each layer's signed share of the mean probe logit (sum of |shares| = 1)."""
-    if scorer is None or sums is None or length == 0:
-        return {}
-    total = float(np.abs(sums).sum())
-    layers = list(scorer.neuron_selection())
-    return {
-        layer: (float(v) / total if total > 0 else 0.0)
-        for layer, v in zip(layers, sums, strict=True)
-    }
 
 
 def _make_row(engine: DecodeEngine, request: GenerationRequest, device: torch.device) -> _Row:
@@ -232,29 +211,6 @@ def _make_row(engine: DecodeEngine, request: GenerationRequest, device: torch.de
             generator.manual_seed(request.params.seed)
     tracker = TextTracker(engine.tokenizer, request.params.stop)
     return _Row(request, engine, tracker, generator)
-
-
-class _Scoring:
-    """Turn one step's captured CETT ``[batch, K]`` into ``[batch, 1 + layers]``: the probe
-    logit and each layer's share of it, with one matrix product."""
-
-    def __init__(self, scorer: RiskScorer, device: torch.device) -> None:
-        selection = scorer.neuron_selection()
-        weights = scorer.probe.weights.by_layer()
-        self.layers = sorted(selection)  # the capture's order: layers ascending
-        # [K, layers]: neuron k's weight in its own layer's column.
-        per_layer = torch.zeros((sum(len(selection[i]) for i in self.layers), len(self.layers)))
-        row = 0
-        for column, layer in enumerate(self.layers):
-            w = torch.as_tensor(weights[layer][1], dtype=torch.float32)
-            per_layer[row : row + w.numel(), column] = w
-            row += w.numel()
-        self.per_layer = per_layer.to(device)
-        self.bias = float(scorer.probe.weights.bias)
-
-    def measure(self, cett: torch.Tensor) -> torch.Tensor:
-        shares = cett.float() @ self.per_layer
-        return torch.cat([shares.sum(dim=1, keepdim=True) + self.bias, shares], dim=1)
 
 
 def cache_argument(model: torch.nn.Module) -> str:
@@ -307,7 +263,6 @@ class _BatchDecoder:
         self.device = next(self.model.parameters()).device
         self.live = [_make_row(engine, request, self.device) for request in requests]
         self.on_step = on_step
-        self.scoring = _Scoring(engine.scorer, self.device) if engine.scorer else None
         self.cache = DynamicCache()
         self.cache_kw = cache_argument(self.model)
         input_ids, self.mask = left_pad([r.prompt_ids for r in requests], engine.pad_id)
@@ -358,17 +313,14 @@ class _BatchDecoder:
         scorer = self.engine.scorer
         if scorer is None:  # unguarded: the last token needs no measurement at all
             return
-        last_layer = max(scorer.neuron_selection(), default=None)
+        last_layer = max(scorer.layers, default=None)
         if last_layer is None:
             return
         module = self.engine.mlp_layers[last_layer].module
-        handle = module.register_forward_hook(_stop_forward)  # runs after the capture hook
-        try:
+        # Registered after the capture's hook on that module, so it runs after it.
+        stop = ModelHooks(self.model, "early stop", [Hook(module, _stop_forward)])
+        with contextlib.suppress(_StopForward), stop:
             self.model.base_model(**kwargs)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
 
     def _step_values(
         self, logits: torch.Tensor | None, capture: NeuronCapture | None
@@ -383,13 +335,14 @@ class _BatchDecoder:
             next_ids = sample_next(logits, params, generators, self.engine.end_ids)
         started = time.perf_counter()
         parts = [next_ids.double()[:, None]]
-        if capture is not None and self.scoring is not None and logits is not None:
+        scorer = self.engine.scorer
+        if capture is not None and scorer is not None and logits is not None:
             logprob, entropy = logit_statistics(logits, next_ids)
             parts += [logprob.double()[:, None], entropy.double()[:, None]]
         else:  # unguarded, or the final pass: no statistics needed
             parts.append(torch.zeros((rows, 2), dtype=torch.float64, device=self.device))
-        if capture is not None and self.scoring is not None and self.live[0].pending is not None:
-            parts.append(self.scoring.measure(capture.pop_last()).double())
+        if capture is not None and scorer is not None and self.live[0].pending is not None:
+            parts.append(scorer.measure(capture.pop_last()).double())
         values = torch.cat(parts, dim=1).tolist()  # the step's one host sync
         return values, time.perf_counter() - started
 

@@ -3,7 +3,7 @@
 Offline extraction, evaluation and the runtime's ``score`` all read a response the same
 way: one batched, left-padded forward pass over prompt + response, CETT read where each
 response token is the *input*, log-prob and entropy from the raw logits at the position
-that *predicted* it (ARCHITECTURE.md, "position").
+that *predicted* it (docs/ARCHITECTURE.md, "Position").
 
     traces = teacher_force(model, prompts, responses, pad_id=tokenizer.pad_token_id)
     traces[0].cett[17]  # [response_len, k]

@@ -1,6 +1,6 @@
 """GuardedModel: a model, its tokenizer and a verified probe, generating and scoring under guard.
 
-It owns the pieces (model, tokenizer, probe, `RiskScorer`, `Policy`) and offers
+It owns the pieces (model, tokenizer, probe, `RiskScorer`, `Policy`, scope gate) and offers
 - `generate_batch`: decode several requests together (`guard.decoding`), each token's risk
   computed as it is produced and sent to its own request's sink;
 - `generate`: one request, blocking, for scripts and tests;
@@ -10,18 +10,16 @@ It owns the pieces (model, tokenizer, probe, `RiskScorer`, `Policy`) and offers
 Forward passes through one model must be serialised (`NeuronCapture` refuses overlapping
 captures): the server calls it from one worker thread (`guard.batching`).
 
-    guarded = GuardedModel.from_spec(model=None, probe="default")
+    guarded = GuardedModel(load_model("smollm2"), load_probe("default"))
     result = guarded.generate(guarded.encode_chat([{"role": "user", "content": "Hi"}]))
     result.text, result.risk, result.decision
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from guard.decoding import (
@@ -31,19 +29,16 @@ from guard.decoding import (
     StepInfo,
     TokenEvent,
     decode_batch,
-    layer_shares,
 )
 from guard.errors import InvalidRequestError
 from guard.forcing import teacher_force
-from guard.model import LoadedModel, encode_chats, end_token_ids, load_model
+from guard.model import LoadedModel, encode_chats, end_token_ids, pad_token_id
 from guard.neurons import find_mlp_layers
 from guard.policy import Policy, ThresholdOverrides
-from guard.probe import Probe, PromptRecipe, load_probe
-from guard.results import GenerationResult, GuardInfo, ScoreResult, TokenRisk, judged
+from guard.probe import Probe, PromptRecipe
+from guard.results import GenerationResult, GuardInfo, ScoreResult, TokenRisk
 from guard.scope import ScopeGate
-from guard.scoring import AnswerStats, RiskScorer
-
-log = logging.getLogger(__name__)
+from guard.scoring import RiskScorer
 
 # Thresholds when serving unguarded (no probe): nothing is ever flagged.
 _UNGUARDED_POLICY = Policy(flag=1.0, abstain=1.0)
@@ -72,8 +67,7 @@ class CollectingSink:
 class GuardedModel:
     """A loaded model with a verified probe (or explicitly none: unguarded).
 
-    guarded = GuardedModel(loaded, probe)       # already loaded pieces (tests)
-    guarded = GuardedModel.from_spec(None, "default")
+    guarded = GuardedModel(loaded, probe)   # `guard.loading` builds it from settings
     """
 
     def __init__(
@@ -100,44 +94,22 @@ class GuardedModel:
         self.info = GuardInfo(
             probe_name=probe.name if probe is not None else None,
             probe_sha256=probe.manifest_sha256 if probe is not None else None,
-            policy=self.policy,
+            thresholds=self.policy.thresholds() if probe is not None else None,
         )
         tokenizer = loaded.tokenizer
         self.end_ids = frozenset(end_token_ids(loaded.model, tokenizer))
-        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self.pad_id = pad_token_id(tokenizer)
         self._engine = DecodeEngine(
             model=loaded.model,
             tokenizer=tokenizer,
             scorer=self.scorer,
+            policy=self.policy,
             info=self.info,
             end_ids=self.end_ids,
             mlp_layers=find_mlp_layers(loaded.model),
             pad_id=self.pad_id,
             scope_gate=self.scope_gate,
         )
-
-    @classmethod
-    def from_spec(
-        cls,
-        model: str | None,
-        probe: str | None = "default",
-        *,
-        probe_sha256: str | None = None,
-        overrides: ThresholdOverrides | None = None,
-        scope_gate: bool = True,
-    ) -> GuardedModel:
-        """Load probe then model (``model=None``: the model the probe was trained on).
-
-        ``probe=None`` serves unguarded (the model spec then defaults to ``smollm2``).
-        """
-        loaded_probe = None
-        if probe is not None:
-            loaded_probe = load_probe(probe, expected_sha256=probe_sha256)
-        if model is None:
-            training = loaded_probe.manifest.training if loaded_probe is not None else {}
-            model = str(training.get("model_spec", "smollm2"))
-        log.info("loading model %s", model)
-        return cls(load_model(model), loaded_probe, overrides=overrides, scope_gate=scope_gate)
 
     @property
     def guarded(self) -> bool:
@@ -235,16 +207,11 @@ class GuardedModel:
         scope = None
         if self.scope_gate is not None and trace.prompt_hidden is not None:
             scope = self.scope_gate.judge(trace.prompt_hidden[None])[0]
-        shares = scorer.layer_shares({layer: cett[None] for layer, cett in trace.cett.items()})
-        per_layer = np.stack([shares[layer][0].numpy() for layer in shares], axis=0)  # [L, T]
-        token_logits = per_layer.sum(axis=0) + float(scorer.probe.weights.bias)
-        logprobs, entropies = trace.logprobs.numpy(), trace.entropies.numpy()
-        risk = scorer.answer_risk(AnswerStats.from_tokens(token_logits, logprobs, entropies))
-        token_risks = scorer.token_risks(token_logits, logprobs, entropies)
+        measured = scorer.measure(scorer.flatten(trace.cett))  # [tokens, 1 + layers]
+        score = scorer.score_answer(measured, trace.logprobs.numpy(), trace.entropies.numpy())
         tokens = [
             TokenRisk(i, t, float(r))
-            for i, t, r in zip(response_ids, texts, token_risks, strict=True)
+            for i, t, r in zip(response_ids, texts, score.token_risks, strict=True)
         ]
-        layers = layer_shares(scorer, per_layer.sum(axis=1), len(response_ids))
-        decision = self.policy.decide(risk, in_scope=judged(scope))
-        return ScoreResult(self.info, risk, decision, tokens, layers, scope=scope)
+        decision = self.policy.decide(score.risk, scope=scope)
+        return ScoreResult(self.info, score.risk, decision, tokens, score.layers, scope=scope)

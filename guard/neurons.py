@@ -13,17 +13,15 @@ only the neurons a probe uses. Both call the same code, so there is no train/ser
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from types import TracebackType
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from guard.errors import CaptureError, UnsupportedArchitectureError
+from guard.hooks import Hook, ModelHooks
 
 # Down projections by architecture. The layer index is the first group.
 #   Llama, Mistral, Qwen2/3, Gemma 1/2/3, SmolLM2: model.layers.N.mlp.down_proj
@@ -119,13 +117,7 @@ class _LayerBuffer:
     last: tuple[torch.Tensor, torch.Tensor] | None = None  # (z [batch, k], h [batch, D])
 
 
-# One capture per model at a time: hooks on a module fire for every forward pass through
-# it, so two overlapping captures (two threads) would record each other's tokens.
-_ACTIVE: dict[int, int] = {}
-_ACTIVE_LOCK = threading.Lock()
-
-
-class NeuronCapture:
+class NeuronCapture(ModelHooks):
     """Record CETT of chosen MLP neurons during forward passes; hooks live only inside ``with``.
 
         with NeuronCapture(model, neurons={3: [17, 99]}) as capture:
@@ -181,7 +173,14 @@ class NeuronCapture:
                 norms = norms[selected]
             self._layers[index] = layer
             self._buffers[index] = _LayerBuffer(selected, norms.to(dtype))
-        self._handles: list[RemovableHandle] = []
+        # OPT flattens tokens to [batch * tokens, ...] inside its MLP: a pre-hook on the
+        # model remembers the batch shape of each pass to restore it.
+        hooks = [Hook(model, self._record_shape, pre=True, with_kwargs=True)]
+        hooks += [
+            Hook(layer.module, self._make_hook(self._buffers[i]))
+            for i, layer in self._layers.items()
+        ]
+        super().__init__(model, "neuron", hooks)
         self._batch_shape: tuple[int, int] | None = None
         # Last-position mode: every selected neuron's column norm, and its layer's slot.
         buffers = list(self._buffers.values())
@@ -194,44 +193,6 @@ class NeuronCapture:
     def layer_indices(self) -> list[int]:
         """The captured layers, ascending."""
         return list(self._buffers)
-
-    def __enter__(self) -> NeuronCapture:
-        key = id(self._model)
-        with _ACTIVE_LOCK:
-            if key in _ACTIVE:
-                raise CaptureError(
-                    "another NeuronCapture is active on this model: forward passes through "
-                    "one model must be serialised (batch requests instead of overlapping them)"
-                )
-            _ACTIVE[key] = id(self)
-        try:
-            # OPT flattens tokens to [batch * tokens, ...] inside its MLP: remember the
-            # batch shape of each pass to restore it.
-            self._handles.append(
-                self._model.register_forward_pre_hook(self._record_shape, with_kwargs=True)
-            )
-            for index, layer in self._layers.items():
-                hook = self._make_hook(self._buffers[index])
-                self._handles.append(layer.module.register_forward_hook(hook))
-        except BaseException:
-            self._remove()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._remove()
-
-    def _remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()  # reverse order of registration
-        with _ACTIVE_LOCK:
-            if _ACTIVE.get(id(self._model)) == id(self):
-                del _ACTIVE[id(self._model)]
 
     def _record_shape(
         self, module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]

@@ -1,35 +1,31 @@
-"""Decisions on a calibrated risk: pass, flag or abstain, and when to abort a stream.
+"""The verdict: pass, flag or abstain on a calibrated risk, and when to abort a stream.
 
-One `Decision` enum is used everywhere (responses, the metrics label, the audit log);
+`Policy` is the one object that decides (docs/ARCHITECTURE.md, "Verdict"): its thresholds,
+the scope gate's verdict on the prompt and the abort rule. Engines only measure and
+report; they ask the policy whether to stop a stream and what the outcome is. One
+`Decision` enum is used everywhere (responses, the metrics label, the audit log);
 ``aborted`` is a separate flag, not a fourth decision.
 
     policy = Policy.from_probe(probe.manifest.thresholds, settings)
-    policy.decide(0.93)          # Decision.ABSTAIN
-    policy.should_abort(0.97, 12)
+    policy.decide(0.93)                       # Decision.ABSTAIN
+    policy.decide(0.93, scope=ScopeVerdict(False, 0.1))   # Decision.PASS: not judged
+    policy.should_abort(0.97, 12, scope)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Protocol, TypeVar
 
 from guard.errors import GuardError
 from guard.probe import Thresholds
+from guard.results import Decision, ScopeVerdict, judged
 
 T = TypeVar("T")
 
 
 def _first(setting: T | None, default: T) -> T:
     return default if setting is None else setting
-
-
-class Decision(StrEnum):
-    """The verdict on one answer."""
-
-    PASS = "pass"
-    FLAG = "flag"
-    ABSTAIN = "abstain"
 
 
 class ThresholdOverrides(Protocol):
@@ -82,10 +78,16 @@ class Policy:
             abort_min_tokens=_first(overrides.abort_min_tokens, thresholds.abort_min_tokens),
         )
 
-    def decide(self, risk: float | None, *, in_scope: bool = True) -> Decision:
-        """``abstain`` at or above the abstain threshold, ``flag`` at or above flag;
-        ``pass`` for a prompt the scope gate puts outside what the probe judges."""
-        if risk is None or not in_scope:  # unguarded or out of scope: nothing to decide on
+    def decide(
+        self, risk: float | None, *, scope: ScopeVerdict | None = None, aborted: bool = False
+    ) -> Decision:
+        """The outcome of one answer: ``abstain`` when its stream was aborted or its risk
+        reaches the abstain threshold, ``flag`` at or above flag, else ``pass``; always
+        ``pass`` unguarded or for a prompt the scope gate puts outside what the probe
+        judges (an out-of-scope stream is never aborted: `should_abort`)."""
+        if aborted:
+            return Decision.ABSTAIN
+        if risk is None or not judged(scope):
             return Decision.PASS
         if risk >= self.abstain:
             return Decision.ABSTAIN
@@ -93,10 +95,14 @@ class Policy:
             return Decision.FLAG
         return Decision.PASS
 
-    def should_abort(self, running_risk: float, tokens: int) -> bool:
-        """Stop a stream once the running risk reaches the abort threshold."""
+    def should_abort(
+        self, running_risk: float, tokens: int, scope: ScopeVerdict | None = None
+    ) -> bool:
+        """Stop a stream once the running risk reaches the abort threshold (after
+        ``abort_min_tokens`` tokens, and only for a prompt the policy judges)."""
         return (
             self.abort is not None
+            and judged(scope)
             and tokens >= self.abort_min_tokens
             and running_risk >= self.abort
         )

@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from guard.errors import ProbeError, ProbeIntegrityError, ProbeModelMismatchError
-from guard.model import ModelFingerprint
+from guard.fingerprint import ModelFingerprint
 
 # 2 added the optional scope gate (`scope` in the manifest, scope.npz); 1 still loads.
 FORMAT_VERSION = 2
@@ -41,7 +41,7 @@ SCOPE_FILE = "scope.npz"
 SKLEARN_FILE = "probe.joblib"
 DEFAULT_PROBE_DIR = Path(__file__).parent / "default_probe"
 # sha256 of the shipped default probe's manifest.json: an edited manifest is refused.
-# Empty until the default probe is trained (then `hguard probes build` prints it).
+# `hguard probes build` prints it; `probes.build.export_probe` ships a new one.
 DEFAULT_PROBE_SHA256 = "43220fd34a0452718cc01ef0c8faedada3419dc6608062c1054699d1204cc176"
 
 StatName = Literal["length", "mean_logprob", "min_logprob", "mean_entropy", "max_entropy"]

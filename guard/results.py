@@ -7,20 +7,27 @@ result.risk, result.decision, result.guard_object()
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Literal
-
-from guard.policy import Decision, Policy
 
 FinishReason = Literal["stop", "length", "content_filter", "cancelled"]
 
 
+class Decision(StrEnum):
+    """The verdict on one answer (decided by `guard.policy.Policy`)."""
+
+    PASS = "pass"
+    FLAG = "flag"
+    ABSTAIN = "abstain"
+
+
 @dataclass(frozen=True)
 class GuardInfo:
-    """Who judged: the probe (None when unguarded) and the policy in force."""
+    """Who judged: the probe (None when unguarded) and the thresholds in force."""
 
     probe_name: str | None
     probe_sha256: str | None
-    policy: Policy
+    thresholds: dict[str, float] | None = None
 
     @property
     def guarded(self) -> bool:
@@ -31,7 +38,7 @@ class GuardInfo:
         probe = {"name": self.probe_name, "sha256": self.probe_sha256} if self.guarded else None
         return {
             "probe": probe,
-            "thresholds": self.policy.thresholds() if self.guarded else None,
+            "thresholds": self.thresholds if self.guarded else None,
             "guarded": self.guarded,
         }
 
@@ -101,7 +108,7 @@ class ScoreResult:
         }
 
     def guard_object(self, *, include_tokens: bool = True) -> dict[str, Any]:
-        """The ``guard`` object of ARCHITECTURE.md for the whole answer."""
+        """The ``guard`` object of docs/ARCHITECTURE.md for the whole answer."""
         body: dict[str, Any] = {
             "risk": self.risk,
             "decision": self.decision.value,

@@ -15,7 +15,7 @@ false. Artifacts without a gate judge every prompt.
     gate = ScopeGate.from_probe(probe, model)         # None when the probe has no gate
     with FinalHiddenCapture(model) as hidden:
         model(input_ids, logits_to_keep=1)
-    verdicts = gate.judge(hidden.last_positions())   # one ScopeVerdict per row
+    verdicts = gate.judge(hidden.take())             # one ScopeVerdict per row
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from guard.errors import CaptureError, ProbeModelMismatchError
+from guard.hooks import Hook, ModelHooks
 from guard.probe import Probe
 from guard.results import ScopeVerdict
 
@@ -39,7 +39,7 @@ def _lm_head(model: nn.Module) -> nn.Module:
     return head
 
 
-class FinalHiddenCapture:
+class FinalHiddenCapture(ModelHooks):
     """Record the LM head's input (the final hidden states) of forward passes.
 
     ``positions`` per row picks which position to keep (default: the last one, which is
@@ -47,18 +47,9 @@ class FinalHiddenCapture:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self._head = _lm_head(model)
-        self._handle: RemovableHandle | None = None
         self._hidden: torch.Tensor | None = None
-
-    def __enter__(self) -> FinalHiddenCapture:
-        self._handle = self._head.register_forward_pre_hook(self._record)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        head = _lm_head(model)
+        super().__init__(model, "final hidden state", [Hook(head, self._record, pre=True)])
 
     def _record(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         self._hidden = args[0].detach()

@@ -1,22 +1,24 @@
-"""Per-token and per-answer risk from captured neurons and logit statistics.
+"""The one place where captured neurons and logit statistics become risk.
 
-One implementation for training-time evaluation, teacher-forced scoring and live
-generation, so the served score is the evaluated score.
-
-Definitions (ARCHITECTURE.md):
+Every number the guard shows is computed here, and every engine, the teacher-forced
+scorer and the offline evaluator call it (docs/ARCHITECTURE.md, "Scoring"):
 - token probe logit ``s_t = bias + sum_{(l,j)} w_lj * CETT_{l,j,t}``, read where token
-  ``t`` is the *input* of the forward pass;
+  ``t`` is the *input* of the forward pass, together with each layer's part of the sum
+  (`RiskScorer.measure`, one matrix product on the flat ``[..., K]`` capture);
 - logit statistics of token ``t`` come from the raw logits at the position that
-  *predicted* it: ``logprob_t`` and full-vocabulary ``entropy_t``;
+  *predicted* it: ``logprob_t`` and full-vocabulary ``entropy_t`` (`logit_statistics`);
 - answer features: mean ``s_t`` (the probe logit, exact because the probe is linear),
-  ``length``, mean/min logprob, mean/max entropy, all over the response tokens;
+  ``length``, mean/min logprob, mean/max entropy, all over the response tokens
+  (`AnswerStats`, or `RunningStats` token by token);
 - ``z`` = the stacker on those (or the probe logit when there is no stacker);
-  answer risk = calibrator(z).
+  answer risk = calibrator(z) (`RiskScorer.answer_risk`); a token's display risk is the
+  same formula on that token alone (`RiskScorer.token_risk`).
 
     scorer = RiskScorer(probe)
     with NeuronCapture(model, scorer.neuron_selection()) as capture: ...
-    s = scorer.token_logits(dict(capture.items()))          # [batch, tokens]
-    risk = scorer.answer_risk(AnswerStats.from_tokens(s[0, a:b], lp, ent))
+    measured = scorer.measure(scorer.flatten(dict(capture.items())))  # [batch, tokens, 1 + L]
+    score = scorer.score_answer(measured[0, a:b], logprobs, entropies)
+    score.risk, score.token_risks, score.layers
 """
 
 from __future__ import annotations
@@ -80,45 +82,63 @@ class AnswerStats:
         return float(getattr(self, name))
 
 
+@dataclass(frozen=True)
+class AnswerScore:
+    """The scorer's verdict-free account of one answer: its risk and where it came from.
+
+    ``token_risks`` ``[tokens]``; ``layers``: each probe layer's signed share of the probe
+    logit (`RiskScorer.layer_shares`).
+    """
+
+    risk: float
+    token_risks: np.ndarray
+    layers: dict[int, float]
+    stats: AnswerStats
+
+
 class RiskScorer:
-    """Apply a probe's scoring recipe: neurons to token logits, answer stats to risk."""
+    """Apply a probe's scoring recipe: neurons to token logits, answer stats to risk.
+
+    The capture order is the probe's layers ascending, each layer's neurons in the
+    probe's order: `flatten` builds it from per-layer tensors, `NeuronCapture.pop_last`
+    produces it directly.
+    """
 
     def __init__(self, probe: Probe, device: torch.device | str = "cpu") -> None:
         self.probe = probe
         self.recipe: ScoringRecipe = probe.manifest.scoring
         self._bias = float(probe.weights.bias)
-        self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {
-            layer: (
-                torch.as_tensor(neurons, dtype=torch.long),
-                torch.as_tensor(weights, dtype=torch.float32, device=device),
-            )
-            for layer, (neurons, weights) in probe.weights.by_layer().items()
-        }
+        by_layer = probe.weights.by_layer()
+        self.layers: list[int] = sorted(by_layer)
+        self._selection = {layer: by_layer[layer][0].tolist() for layer in self.layers}
+        # [K, layers]: neuron k's weight in its own layer's column, so one product gives
+        # every layer's part of s_t; their sum plus the bias is s_t itself.
+        width = sum(len(neurons) for neurons in self._selection.values())
+        per_layer = torch.zeros((width, len(self.layers)), dtype=torch.float32)
+        row = 0
+        for column, layer in enumerate(self.layers):
+            weights = torch.as_tensor(by_layer[layer][1], dtype=torch.float32)
+            per_layer[row : row + weights.numel(), column] = weights
+            row += weights.numel()
+        self._per_layer = per_layer.to(device)
 
     def neuron_selection(self) -> dict[int, list[int]]:
-        """``{layer: [neuron, ...]}`` to capture: only what the probe weighs."""
-        return {layer: idx.tolist() for layer, (idx, _) in self._layers.items()}
+        """``{layer: [neuron, ...]}`` to capture, layers ascending: only what the probe weighs."""
+        return {layer: list(neurons) for layer, neurons in self._selection.items()}
 
-    def token_logits(self, cett: dict[int, torch.Tensor]) -> torch.Tensor:
-        """``s_t`` from captured CETT ``{layer: [batch, tokens, k_layer]}`` -> ``[batch, tokens]``.
-
-        ``cett`` must hold exactly the neurons of `neuron_selection`, in that order.
-        """
-        total: torch.Tensor | None = None
-        for layer, (_, weights) in self._layers.items():
-            part = cett[layer].float() @ weights.to(cett[layer].device)
-            total = part if total is None else total + part
-        if total is None:  # a probe with no neuron left: the bias alone
+    def flatten(self, cett: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Per-layer CETT ``{layer: [..., k_layer]}`` (the probe's neurons, in order) as one
+        ``[..., K]`` tensor in capture order. Extra layers in ``cett`` are ignored."""
+        if not self.layers:  # a probe with no neuron left: only the shape matters
             any_cett = next(iter(cett.values()))
-            total = torch.zeros(any_cett.shape[:2], device=any_cett.device)
-        return total + self._bias
+            return any_cett.new_zeros((*any_cett.shape[:-1], 0))
+        return torch.cat([cett[layer].float() for layer in self.layers], dim=-1)
 
-    def layer_shares(self, cett: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Each layer's contribution to the token logits (``[batch, tokens]`` per layer)."""
-        return {
-            layer: cett[layer].float() @ weights.to(cett[layer].device)
-            for layer, (_, weights) in self._layers.items()
-        }
+    def measure(self, cett: torch.Tensor) -> torch.Tensor:
+        """``[..., K]`` CETT to ``[..., 1 + layers]``: the token probe logit ``s_t`` and each
+        probe layer's part of it (``s_t = bias + sum of the parts``)."""
+        parts = cett.float() @ self._per_layer.to(cett.device)
+        return torch.cat([parts.sum(dim=-1, keepdim=True) + self._bias, parts], dim=-1)
 
     def stack(self, stats: AnswerStats) -> float:
         """``z`` for one answer: the stacker, or the probe logit alone."""
@@ -138,22 +158,50 @@ class RiskScorer:
         """The served risk of a whole answer (or of the tokens so far, while streaming)."""
         return float(self.calibrate(self.stack(stats)))
 
+    def token_risk(self, token_logit: float, logprob: float, entropy: float, index: int) -> float:
+        """Display risk of the token at ``index``: scored as if it were the answer, with its
+        own probe logit, log-prob and entropy and the answer length so far (``index + 1``).
+        It shows *where* the risk comes from; the answer risk is not the tokens' mean (it
+        pools before calibrating)."""
+        stats = AnswerStats(token_logit, index + 1, logprob, logprob, entropy, entropy)
+        return self.answer_risk(stats)
+
     def token_risks(
         self, token_logits: np.ndarray, logprobs: np.ndarray, entropies: np.ndarray
     ) -> np.ndarray:
-        """Per-token display risk ``[tokens]``: each token scored as if it were the answer.
-
-        Token ``t`` uses its own probe logit, log-prob and entropy, and the answer length so
-        far (``t + 1``). This shows *where* the risk comes from; the answer risk is not their
-        mean (it pools before calibrating).
-        """
+        """`token_risk` of every token of one answer: ``[tokens]``."""
+        values = zip(token_logits, logprobs, entropies, strict=True)
         risks = [
-            self.answer_risk(
-                AnswerStats(float(s), t + 1, float(lp), float(lp), float(ent), float(ent))
-            )
-            for t, (s, lp, ent) in enumerate(zip(token_logits, logprobs, entropies, strict=True))
+            self.token_risk(float(s), float(lp), float(e), t) for t, (s, lp, e) in enumerate(values)
         ]
         return np.asarray(risks, dtype=np.float64)
+
+    def layer_shares(self, part_sums: np.ndarray, length: int) -> dict[int, float]:
+        """Each probe layer's signed share of the answer's probe logit from the sums of its
+        parts over the answer's tokens ``[layers]`` (the shares' absolute values sum to 1)."""
+        if length == 0 or not self.layers:
+            return {}
+        sums = np.asarray(part_sums, dtype=np.float64)
+        total = float(np.abs(sums).sum())
+        return {
+            layer: (float(v) / total if total > 0 else 0.0)
+            for layer, v in zip(self.layers, sums, strict=True)
+        }
+
+    def score_answer(
+        self, measured: torch.Tensor | np.ndarray, logprobs: np.ndarray, entropies: np.ndarray
+    ) -> AnswerScore:
+        """Score one whole answer from its `measure` rows ``[tokens, 1 + layers]`` and the
+        logit statistics of its tokens ``[tokens]``."""
+        values = np.asarray(measured, dtype=np.float64)
+        token_logits = values[:, 0]
+        stats = AnswerStats.from_tokens(token_logits, logprobs, entropies)
+        return AnswerScore(
+            risk=self.answer_risk(stats),
+            token_risks=self.token_risks(token_logits, logprobs, entropies),
+            layers=self.layer_shares(values[:, 1:].sum(axis=0), len(token_logits)),
+            stats=stats,
+        )
 
 
 class RunningStats:

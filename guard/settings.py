@@ -24,7 +24,7 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class GuardSettings(BaseSettings):
-    """Configuration of `hguard serve` (env prefix ``GUARD_``; see ARCHITECTURE.md)."""
+    """Configuration of `hguard serve` (env prefix ``GUARD_``; see README.md, "Settings")."""
 
     model_config = SettingsConfigDict(
         env_prefix="GUARD_", extra="ignore", protected_namespaces=(), validate_default=True

@@ -11,8 +11,9 @@ probe fitted by CV on the train split (`probes.train`), stacker on the train spl
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -34,10 +35,8 @@ from probes.calibration import (
     risk_quantiles,
     stats_matrix,
 )
+from probes.config import BuildConfig
 from probes.train import FeatureSource, ProbeFit, TrainConfig, fit_probe, labels_of, split_rows
-
-if TYPE_CHECKING:
-    from probes.build import BuildConfig
 
 
 @dataclass
@@ -143,7 +142,6 @@ def assemble_probe(
 ) -> ProbeManifest:
     """The manifest of a trained probe (files and evaluation are filled in later)."""
     from guard.probe import sha256_file
-    from probes.build import library_versions
 
     cfg = trained.config
     fit = trained.fit
@@ -180,3 +178,20 @@ def assemble_probe(
         training=training,
         versions=library_versions(),
     )
+
+
+def library_versions() -> dict[str, str]:
+    import sklearn
+    import torch
+    import transformers
+
+    from guard import __version__ as guard_version
+
+    return {
+        "python": platform.python_version(),
+        "hallucination-guard": str(guard_version),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+    }

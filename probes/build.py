@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import platform
 import resource
 import time
 from collections.abc import Iterator
@@ -24,17 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import joblib
-import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from guard.errors import ProbeError
+from guard.model import DEFAULT_MODEL_NAME, DEFAULT_MODEL_SPEC
 from guard.probe import (
     SCOPE_FILE,
     SKLEARN_FILE,
     WEIGHTS_FILE,
     Probe,
     ProbeManifest,
-    PromptRecipe,
     ScopeRecipe,
     ScopeWeights,
     load_probe,
@@ -42,37 +39,13 @@ from guard.probe import (
     sha256_file,
 )
 from probes.assemble import TrainedProbe, assemble_probe, train_served_probe
+from probes.config import BuildConfig
 from probes.evaluate import ScoredAnswers, build_report, score_store
-from probes.scope import ScopeConfig
-from probes.train import FeatureSource, TrainConfig, split_rows
+from probes.train import FeatureSource, split_rows
 
 log = logging.getLogger(__name__)
 
 SPARSITY_C = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
-
-
-class BuildConfig(BaseModel):
-    """``hguard probes build`` options (issue 2's CLI contract) plus the training recipe."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    dataset: Path
-    out: Path
-    model: str = "smollm2"
-    limit: int | None = Field(default=None, ge=1)
-    samples: int = Field(default=0, ge=0)
-    batch_size: int = Field(default=32, ge=1)
-    work_dir: Path | None = None  # default: OUT.parent / (OUT.name + "-work")
-    name: str | None = None  # default: "<model>-<dataset stem>"
-    prompt: PromptRecipe = Field(default_factory=PromptRecipe)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    save_sklearn: bool = True  # probe.joblib (analysis only; the shipped probe omits it)
-    scope: ScopeConfig | None = Field(default_factory=ScopeConfig)  # None: no scope gate
-    sparsity_curve: bool = True
-
-    @property
-    def resolved_work_dir(self) -> Path:
-        return self.work_dir or self.out.parent / (self.out.name + "-work")
 
 
 def peak_rss_mb() -> float:
@@ -95,23 +68,6 @@ def stage(name: str, timings: dict[str, Any]) -> Iterator[None]:
     log.info(
         "stage %s done in %.1f s (peak RSS %.0f MiB)", name, timings[name]["wall_s"], peak_rss_mb()
     )
-
-
-def library_versions() -> dict[str, str]:
-    import sklearn
-    import torch
-    import transformers
-
-    from guard import __version__ as guard_version
-
-    return {
-        "python": platform.python_version(),
-        "hallucination-guard": str(guard_version),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "scikit-learn": sklearn.__version__,
-        "numpy": np.__version__,
-    }
 
 
 def collect_and_extract(
@@ -194,7 +150,9 @@ def build(config: BuildConfig) -> str:
     with stage("train", timings):
         trained = train_served_probe(store, config.train)
     scope_recipe, scope_weights = fit_gate(config, loaded, items, timings)
-    model_name = "smollm2-135m" if config.model == "smollm2" else Path(config.model).name
+    model_name = (
+        DEFAULT_MODEL_NAME if config.model == DEFAULT_MODEL_SPEC else Path(config.model).name
+    )
     name = config.name or f"{model_name}-{config.dataset.stem}"
     manifest = assemble_probe(trained, loaded, store, config, name)
     manifest = manifest.model_copy(update={"scope": scope_recipe})

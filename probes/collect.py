@@ -25,7 +25,7 @@ from tqdm import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from guard.errors import GuardError
-from guard.model import LoadedModel, encode_chats, end_token_ids, left_pad
+from guard.model import LoadedModel, encode_chats, end_token_ids, left_pad, pad_token_id
 from guard.probe import PromptRecipe
 from probes.datasets import QAItem, Split, split_of
 from probes.judge import answer_token_span, judge
@@ -213,7 +213,7 @@ def _batch_generate(
     top-p); None is greedy.
     """
     model, tokenizer = loaded.model, loaded.tokenizer
-    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    pad_id = pad_token_id(tokenizer)
     input_ids, attention_mask = left_pad(prompts, pad_id)
     device = model.device
     options: dict[str, Any] = {

@@ -2,8 +2,8 @@
 
 Two ways in, one scoring path (`guard.scoring.RiskScorer`, the code the runtime uses):
 - `score_store`: answers already in a feature store (the build's val/test splits);
-  the mean CETT of an answer is fed to ``RiskScorer.token_logits`` as a one-token
-  answer, which is exact because the probe is linear in CETT.
+  the mean CETT of an answer is fed to ``RiskScorer.measure`` as a one-token answer,
+  which is exact because the probe is linear in CETT.
 - `evaluate_probe` (``hguard probes evaluate``): fresh greedy answers with the probe's
   prompt recipe, judged, teacher-forced with `guard.forcing.teacher_force` capturing
   only the probe's neurons, then scored token by token.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +30,7 @@ from guard.probe import STAT_NAMES, Probe, load_probe
 from guard.scoring import AnswerStats, RiskScorer
 from probes.metrics import (
     BASELINE_SIGNS,
+    ScoredAnswers,
     length_controlled,
     nan_to_none,
     paired_auroc_difference,
@@ -40,21 +40,6 @@ from probes.metrics import (
 from probes.train import FeatureSource
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ScoredAnswers:
-    """Served risk, its parts and the baselines' statistics for a set of answers (``[n]``)."""
-
-    labels: np.ndarray
-    risk: np.ndarray
-    z: np.ndarray
-    probe_logit: np.ndarray
-    stats: dict[str, np.ndarray]
-
-    @property
-    def n(self) -> int:
-        return int(self.labels.size)
 
 
 def _score_stats(scorer: RiskScorer, labels: np.ndarray, stats: list[AnswerStats]) -> ScoredAnswers:
@@ -70,33 +55,24 @@ def _score_stats(scorer: RiskScorer, labels: np.ndarray, stats: list[AnswerStats
     )
 
 
-def store_columns(scorer: RiskScorer, width: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Feature columns of the probe's neurons in `RiskScorer` order, and each layer's slice."""
-    columns: list[int] = []
-    slices: list[tuple[int, int]] = []
-    for layer, neurons in scorer.neuron_selection().items():
-        start = len(columns)
-        columns.extend(layer * width + n for n in neurons)
-        slices.append((layer, start))
-    return np.asarray(columns, dtype=np.int64), slices
+def store_columns(scorer: RiskScorer, width: int) -> np.ndarray:
+    """Feature-store columns of the probe's neurons, in the scorer's capture order."""
+    columns = [
+        layer * width + neuron
+        for layer, neurons in scorer.neuron_selection().items()
+        for neuron in neurons
+    ]
+    return np.asarray(columns, dtype=np.int64)
 
 
 def score_store(probe: Probe, store: FeatureSource, rows: np.ndarray) -> ScoredAnswers:
     """Score answers of a feature store (rows with at least one response token)."""
     scorer = RiskScorer(probe)
-    columns, slices = store_columns(scorer, store.width)
-    features = torch.from_numpy(
+    columns = store_columns(scorer, store.width)
+    features = torch.from_numpy(  # [answers, K] in capture order
         np.asarray(store.load("resp_mean", rows=rows, columns=columns), dtype=np.float32)
     )
-    selection = scorer.neuron_selection()
-    cett = {
-        layer: features[:, start : start + len(selection[layer])].unsqueeze(1)
-        for layer, start in slices
-    }
-    if cett:
-        logits = scorer.token_logits(cett)[:, 0].double().numpy()
-    else:
-        logits = np.full(rows.size, float(probe.weights.bias))
+    logits = scorer.measure(features)[:, 0].double().numpy()
     meta = store.meta
     stats = [
         AnswerStats(
@@ -164,7 +140,7 @@ class EvaluateConfig(BaseModel):
     limit: int | None = Field(default=None, ge=1)
     split: Literal["train", "val", "test", "all"] = "all"
     batch_size: int = Field(default=32, ge=1)
-    model: str | None = None  # default: manifest.training["model_spec"] or "smollm2"
+    model: str | None = None  # default: the probe's model (guard.loading.model_spec_of)
     answers: Path | None = None  # answers JSONL to reuse/extend (default: next to ``out``)
     seed: int = 0
 
@@ -177,12 +153,13 @@ def score_records(
     Answers without a response token cannot be scored and are left out (counted).
     """
     from guard.forcing import teacher_force
+    from guard.model import pad_token_id
 
     scorer = RiskScorer(probe)
     selection = scorer.neuron_selection() or None
-    pad_id = int(loaded.tokenizer.pad_token_id or 0)
+    pad_id = pad_token_id(loaded.tokenizer)
     kept = [r for r in records if r.response_ids]
-    stats: list[AnswerStats] = []
+    stats: list[AnswerStats] = []  # [answers]
     for first in range(0, len(kept), batch_size):
         batch = kept[first : first + batch_size]
         traces = teacher_force(
@@ -193,29 +170,23 @@ def score_records(
             neurons=selection,
         )
         for trace in traces:
-            stats.append(_trace_stats(scorer, trace, selection is None))
+            token_logits = scorer.measure(scorer.flatten(trace.cett))[:, 0].double().numpy()
+            lp, ent = trace.logprobs.numpy(), trace.entropies.numpy()
+            stats.append(AnswerStats.from_tokens(token_logits, lp, ent))
     labels = np.array([0 if r.correct else 1 for r in kept], dtype=np.int64)
     return _score_stats(scorer, labels, stats), len(records) - len(kept)
 
 
-def _trace_stats(scorer: RiskScorer, trace: Any, no_neurons: bool) -> AnswerStats:
-    if no_neurons:  # a probe without neurons: the bias alone
-        token_logits = np.full(trace.length, float(scorer.probe.weights.bias))
-    else:
-        cett = {layer: values.unsqueeze(0) for layer, values in trace.cett.items()}
-        token_logits = scorer.token_logits(cett)[0].double().numpy()
-    return AnswerStats.from_tokens(token_logits, trace.logprobs.numpy(), trace.entropies.numpy())
-
-
 def evaluate_probe(config: EvaluateConfig) -> dict[str, Any]:
     """The ``hguard probes evaluate`` contract (issue 2): answer, judge, score, report."""
+    from guard.loading import model_spec_of
     from guard.model import load_model
     from probes.collect import collect_answers
     from probes.datasets import load_questions, split_of
 
     started = time.perf_counter()
     probe = load_probe(config.probe)
-    spec = config.model or str(probe.manifest.training.get("model_spec", "smollm2"))
+    spec = config.model or model_spec_of(probe)
     loaded = load_model(spec)
     probe.verify_model(loaded.fingerprint)
     items = load_questions(config.dataset)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from guard.errors import GuardError
 from guard.forcing import TokenTrace, teacher_force
-from guard.model import LoadedModel
+from guard.model import LoadedModel, pad_token_id
 from guard.neurons import MLPLayer, find_mlp_layers
 from probes.collect import AnswerRecord
 
@@ -136,7 +136,7 @@ def _extract_shard(
     tmp = {kind: stem.with_name(f"{stem.name}.{kind}.tmp.npy") for kind in KINDS}
     outs = {kind: _open_rows(tmp[kind], (len(kept), width)) for kind in KINDS}
     stats: dict[str, list[float]] = {key: [0.0] * len(kept) for key in STAT_KEYS}
-    pad_id = int(loaded.tokenizer.pad_token_id or 0)
+    pad_id = pad_token_id(loaded.tokenizer)
     order = sorted(range(len(kept)), key=lambda i: len(kept[i].prompt_ids + kept[i].response_ids))
     for first in range(0, len(order), batch_size):
         rows = order[first : first + batch_size]

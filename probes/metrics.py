@@ -9,6 +9,7 @@ flipped where needed (`BASELINE_SIGNS`) before they reach these functions.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -218,3 +219,18 @@ def nan_to_none(value: Any) -> Any:
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
+
+
+@dataclass
+class ScoredAnswers:
+    """Served risk, its parts and the baselines' statistics for a set of answers (``[n]``)."""
+
+    labels: np.ndarray
+    risk: np.ndarray
+    z: np.ndarray
+    probe_logit: np.ndarray
+    stats: dict[str, np.ndarray]
+
+    @property
+    def n(self) -> int:
+        return int(self.labels.size)

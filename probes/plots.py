@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from probes.metrics import BASELINE_SIGNS, auroc, reliability_bins
+from probes.metrics import BASELINE_SIGNS, ScoredAnswers, auroc, reliability_bins
 
 if TYPE_CHECKING:
     from guard.probe import Probe
-    from probes.evaluate import ScoredAnswers
 
 PLOT_NAMES = ("roc", "risk_coverage", "reliability", "h_neurons")
 

@@ -35,7 +35,7 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from guard.forcing import prompt_hidden
-from guard.model import LoadedModel, encode_chats
+from guard.model import LoadedModel, encode_chats, pad_token_id
 from guard.probe import PromptRecipe, ScopeRecipe, ScopeWeights
 from probes.metrics import auroc
 
@@ -106,7 +106,7 @@ def hidden_states(
     batches, original order)."""
     prompts, _, _ = encode_chats(loaded.tokenizer, [list(c) for c in conversations])
     order = np.argsort([len(p) for p in prompts], kind="stable")
-    pad_id = int(loaded.tokenizer.pad_token_id or 0)
+    pad_id = pad_token_id(loaded.tokenizer)
     out: np.ndarray | None = None
     for start in tqdm(range(0, len(order), batch_size), desc="scope features", unit="batch"):
         rows = order[start : start + batch_size]

@@ -1,8 +1,8 @@
 """create_app(settings): the FastAPI application, its services, middleware and lifespan.
 
 Nothing is built at import time. The lifespan loads model and probe (unless an already
-loaded `GuardedModel` is given, as tests and `run_server` do), starts the batching worker,
-and stops it on shutdown; ``/readyz`` says ready only in between.
+configured `GuardedModel` is given, as tests and `run_server` do), starts the engine
+(`guard.engine`), and stops it on shutdown; ``/readyz`` says ready only in between.
 
     app = create_app(GuardSettings(probe="default"))
 """
@@ -30,11 +30,10 @@ from guard.api.deps import Services
 from guard.api.errors import body_too_large, install_error_handlers, shutting_down
 from guard.audit import AuditLog
 from guard.batching import MicroBatcher
-from guard.errors import ProbeError
+from guard.engine import TransformersEngine
 from guard.generation import GuardedModel
+from guard.loading import load_guarded
 from guard.metrics import GuardMetrics
-from guard.model import DEFAULT_MODEL_SPEC, LoadedModel, load_model
-from guard.probe import Probe, load_probe
 from guard.settings import GuardSettings, get_settings
 
 log = logging.getLogger(__name__)
@@ -47,67 +46,30 @@ KNOWN_ROUTES = frozenset(
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
-def load_guarded(settings: GuardSettings) -> GuardedModel:
-    """Model and verified probe from settings; unguarded only when explicitly allowed."""
-    probe: Probe | None = None
-    try:
-        probe = load_probe(settings.probe, expected_sha256=settings.probe_sha256)
-    except ProbeError as exc:
-        _refuse_or_warn(settings, exc)
-    spec = settings.model
-    if spec is None:
-        training = probe.manifest.training if probe is not None else {}
-        spec = str(training.get("model_spec", DEFAULT_MODEL_SPEC))
-    loaded = load_model(spec)
-    try:
-        return configured(loaded, probe, settings)
-    except ProbeError as exc:
-        _refuse_or_warn(settings, exc)
-        return GuardedModel(loaded, None)
-
-
-def configured(loaded: LoadedModel, probe: Probe | None, settings: GuardSettings) -> GuardedModel:
-    """The guarded model with the settings' threshold and scope-gate overrides."""
-    return GuardedModel(
-        loaded, probe, overrides=settings, scope_gate=settings.scope_gate,
-        scope_threshold=settings.scope_threshold,
-    )  # fmt: skip
-
-
-def _refuse_or_warn(settings: GuardSettings, exc: ProbeError) -> None:
-    if not settings.allow_unguarded:
-        raise type(exc)(
-            f"{exc} -- refusing to serve without a valid probe: fix GUARD_PROBE "
-            "(or --probe), or set GUARD_ALLOW_UNGUARDED=true to serve unguarded"
-        ) from exc
-    log.warning("serving UNGUARDED (GUARD_ALLOW_UNGUARDED): %s", exc)
-
-
 def start_services(services: Services, guarded: GuardedModel) -> None:
-    """Wire a loaded model into the services and start the worker."""
+    """Wire a configured model into the services (as the engine) and start it."""
     settings, metrics = services.settings, services.metrics
-    if guarded.probe is not None:  # the settings' threshold overrides apply to any model given
-        guarded = configured(guarded.loaded, guarded.probe, settings)
-    services.guarded = guarded
-    services.served_model_name = settings.served_model_name or guarded.model_id
-    services.batcher = MicroBatcher(
-        guarded, max_batch=settings.max_batch, queue_size=settings.queue_size,
-        batch_wait_ms=settings.batch_wait_ms, metrics=metrics,
+    engine = TransformersEngine(
+        MicroBatcher(
+            guarded, max_batch=settings.max_batch, queue_size=settings.queue_size,
+            batch_wait_ms=settings.batch_wait_ms, metrics=metrics,
+        )
     )  # fmt: skip
-    services.batcher.start()
+    engine.start()
+    services.engine = engine
+    services.served_model_name = settings.served_model_name or engine.model_id
     if settings.audit_log is not None:
         services.audit = AuditLog(settings.audit_log)
-    info = guarded.info
+    info = engine.info
     metrics.set_build_info(
         model=services.served_model_name, probe=info.probe_name or "none",
-        probe_sha256=info.probe_sha256 or "", guarded=guarded.guarded,
+        probe_sha256=info.probe_sha256 or "", guarded=engine.guarded,
     )  # fmt: skip
-    if guarded.probe is not None:
-        metrics.set_validation_quantiles(guarded.probe.manifest.validation_risk_quantiles)
+    metrics.set_validation_quantiles(engine.validation_risk_quantiles)
     services.ready = True
     log.info(
         "serving %s (%s, probe %s)", services.served_model_name,
-        "guarded" if guarded.guarded else "UNGUARDED", info.probe_name,
+        "guarded" if engine.guarded else "UNGUARDED", info.probe_name,
     )  # fmt: skip
 
 
@@ -208,7 +170,8 @@ def create_app(
     guarded: GuardedModel | None = None,
     registry: CollectorRegistry | None = None,
 ) -> FastAPI:
-    """The app; loads model and probe in its lifespan unless ``guarded`` is given."""
+    """The app; loads model and probe in its lifespan (`guard.loading.load_guarded`) unless
+    ``guarded`` is given, already configured (`guard.loading.configured`): it is used as is."""
     settings = settings or get_settings()
     registry = registry if registry is not None else CollectorRegistry()
     services = Services(settings=settings, registry=registry, metrics=GuardMetrics(registry))
@@ -221,8 +184,8 @@ def create_app(
             yield
         finally:
             services.ready = False
-            if services.batcher is not None:
-                await asyncio.to_thread(services.batcher.stop, settings.shutdown_grace_s)
+            if services.engine is not None:
+                await asyncio.to_thread(services.engine.stop, settings.shutdown_grace_s)
             if services.audit is not None:
                 services.audit.close()
 

@@ -1,7 +1,7 @@
 """The services one app instance holds on ``app.state``, their typed accessors and Depends aliases.
 
 @router.get("/x")
-async def x(services: ServicesDep) -> ...: services.guarded ...
+async def x(services: ServicesDep) -> ...: services.require_ready().submit(...)
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from guard.api.errors import APIError, unauthorized
 from guard.audit import AuditLog
-from guard.batching import MicroBatcher
-from guard.generation import GuardedModel
+from guard.engine import Engine
 from guard.metrics import GuardMetrics
 from guard.settings import GuardSettings
 
@@ -29,8 +28,7 @@ class Services:
     settings: GuardSettings
     registry: CollectorRegistry
     metrics: GuardMetrics
-    guarded: GuardedModel | None = None
-    batcher: MicroBatcher | None = None
+    engine: Engine | None = None
     audit: AuditLog | None = None
     served_model_name: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
@@ -38,14 +36,14 @@ class Services:
     draining: bool = False
     in_flight: int = 0
 
-    def require_ready(self) -> tuple[GuardedModel, MicroBatcher]:
-        """The model and its worker, or a 503 while loading."""
-        if not self.ready or self.guarded is None or self.batcher is None:
+    def require_ready(self) -> Engine:
+        """The engine, or a 503 while loading."""
+        if not self.ready or self.engine is None:
             raise APIError(
                 503, "the model is still loading; retry when /readyz says ready",
                 type="service_unavailable", code="not_ready",
             )  # fmt: skip
-        return self.guarded, self.batcher
+        return self.engine
 
 
 def get_services(request: Request) -> Services:

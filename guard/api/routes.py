@@ -93,16 +93,16 @@ async def healthz() -> dict[str, str]:
 async def readyz(services: ServicesDep) -> JSONResponse:
     if services.draining:
         raise APIError(503, "shutting down", type="service_unavailable", code="shutting_down")
-    if not services.ready or services.guarded is None:
+    if not services.ready or services.engine is None:
         raise APIError(503, "model loading", type="service_unavailable", code="not_ready")
-    guarded = services.guarded
+    engine = services.engine
     return JSONResponse(
         {
             "status": "ready",
             "model": services.served_model_name,
-            "guarded": guarded.guarded,
-            "probe": guarded.info.probe_name,
-            "probe_sha256": guarded.info.probe_sha256,
+            "guarded": engine.guarded,
+            "probe": engine.info.probe_name,
+            "probe_sha256": engine.info.probe_sha256,
         }
     )
 

@@ -11,21 +11,20 @@ from guard.api.deps import Services
 from guard.api.errors import invalid
 from guard.api.schemas import ScoreRequest, usage
 from guard.api.serving import check_model
-from guard.policy import Decision
-from guard.results import ScoreResult
+from guard.results import Decision, ScoreResult
 
 
 async def score_answer(services: Services, body: ScoreRequest, rid: str) -> JSONResponse:
     """The ``guard`` object of a given answer, with the usual guard headers."""
-    guarded, batcher = services.require_ready()
+    engine = services.require_ready()
     model = check_model(services, body.model)
     if body.messages is not None:
-        prompt_ids = guarded.encode_chat([m.as_template() for m in body.messages[:-1]])
+        prompt_ids = engine.encode_chat([m.as_template() for m in body.messages[:-1]])
         answer = body.messages[-1].text()
     else:
-        prompt_ids = guarded.encode_chat(guarded.prompt_recipe.messages(body.question or ""))
+        prompt_ids = engine.encode_question(body.question or "")
         answer = body.answer or ""
-    response_ids = guarded.encode_answer(answer)
+    response_ids = engine.encode_answer(answer)
     if not response_ids:
         raise invalid("the answer is empty: give the text to score", param="answer")
     limit = services.settings.max_prompt_tokens + services.settings.max_new_tokens
@@ -35,7 +34,7 @@ async def score_answer(services: Services, body: ScoreRequest, rid: str) -> JSON
             f"{limit} (GUARD_MAX_PROMPT_TOKENS + GUARD_MAX_NEW_TOKENS)",
             code="context_length_exceeded",
         )
-    result = await batcher.run_exclusive(lambda: guarded.score_ids(prompt_ids, response_ids))
+    result = await engine.score(prompt_ids, response_ids)
     await record_score(services, rid, model, result, answer)
     content = {
         "id": f"score-{rid}", "object": "guard.score", "created": int(time.time()),

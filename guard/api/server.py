@@ -16,8 +16,9 @@ from types import FrameType
 
 import uvicorn
 
-from guard.api.app import create_app, load_guarded
+from guard.api.app import create_app
 from guard.api.deps import Services
+from guard.loading import load_guarded
 from guard.settings import GuardSettings
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,8 @@ class DrainingServer(uvicorn.Server):
         self._draining = True
         log.info("signal %s: draining (grace %.1f s)", sig, self.grace_s)
         self.services.draining = True
-        if self.services.batcher is not None:
-            self.services.batcher.close()
+        if self.services.engine is not None:
+            self.services.engine.close()
         threading.Thread(target=self._drain, name="guard-drain", daemon=True).start()
 
     def _drain(self) -> None:
@@ -57,7 +58,8 @@ class DrainingServer(uvicorn.Server):
 
 
 def run_server(settings: GuardSettings, host: str, port: int) -> int:
-    """Load model and probe (a clear error if either is unusable), then serve until a signal."""
+    """Load model and probe once (a clear error before listening if either is unusable),
+    then serve until a signal."""
     guarded = load_guarded(settings)
     app = create_app(settings, guarded=guarded)
     config = uvicorn.Config(

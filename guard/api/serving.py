@@ -21,11 +21,10 @@ from starlette.responses import Response
 from guard.api.deps import Services
 from guard.api.errors import APIError, from_guard_error, invalid, model_not_found
 from guard.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, usage
-from guard.batching import Ticket
 from guard.decoding import SamplingParams, TokenEvent
+from guard.engine import TokenStream
 from guard.errors import GuardError
-from guard.policy import Decision
-from guard.results import GenerationResult
+from guard.results import Decision, GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -102,26 +101,26 @@ def _prepared(
 def prepare_chat(
     services: Services, body: ChatCompletionRequest, rid: str, started: float
 ) -> Prepared:
-    guarded, _ = services.require_ready()
+    engine = services.require_ready()
     check_model(services, body.model)
-    ids = guarded.encode_chat([message.as_template() for message in body.messages])
+    ids = engine.encode_chat([message.as_template() for message in body.messages])
     return _prepared(services, "chat", body, ids, rid, started)
 
 
 def prepare_completion(
     services: Services, body: CompletionRequest, rid: str, started: float
 ) -> Prepared:
-    guarded, _ = services.require_ready()
+    engine = services.require_ready()
     check_model(services, body.model)
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        vocab = len(guarded.loaded.tokenizer)
+        vocab = engine.vocab_size
         ids = [int(i) for i in prompt]
         if any(i < 0 or i >= vocab for i in ids):
             raise invalid(f"prompt token ids must lie in 0..{vocab - 1}", param="prompt")
     else:
         text = prompt if isinstance(prompt, str) else str(prompt[0])
-        ids = guarded.encode_text(text)
+        ids = engine.encode_text(text)
     return _prepared(services, "text", body, ids, rid, started)
 
 
@@ -134,8 +133,7 @@ async def respond(
 ) -> Response:
     """Queue the request; a JSON body or an SSE stream. A non-streamed request whose
     client hangs up (``disconnected()`` turns true) stops generating within a poll."""
-    _, batcher = services.require_ready()
-    ticket = batcher.submit(prep.prompt_ids, prep.params)
+    ticket = services.require_ready().submit(prep.prompt_ids, prep.params)
     services.metrics.prompt_tokens.inc(len(prep.prompt_ids))
     if prep.stream:
         return StreamingResponse(
@@ -179,7 +177,7 @@ def _timeout(services: Services) -> APIError:
     )  # fmt: skip
 
 
-async def _collect(services: Services, prep: Prepared, ticket: Ticket) -> GenerationResult:
+async def _collect(services: Services, prep: Prepared, ticket: TokenStream) -> GenerationResult:
     timer = _TokenTimer(services, prep.started)
     async for item in ticket.events():
         if isinstance(item, TokenEvent):
@@ -255,9 +253,9 @@ def _chunk(
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def _sse(services: Services, prep: Prepared, ticket: Ticket) -> AsyncIterator[str]:
+async def _sse(services: Services, prep: Prepared, ticket: TokenStream) -> AsyncIterator[str]:
     """The event stream: a token chunk per token, the verdict, usage if asked, ``[DONE]``."""
-    guarded = services.guarded is not None and services.guarded.guarded
+    guarded = services.engine is not None and services.engine.guarded
     timer = _TokenTimer(services, prep.started)
     deadline = time.monotonic() + services.settings.request_timeout_s
     try:

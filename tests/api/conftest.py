@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from guard.api.app import create_app
 from guard.api.deps import Services
 from guard.generation import GuardedModel
+from guard.loading import configured
 from guard.model import LoadedModel
 from guard.probe import load_probe
 from guard.settings import GuardSettings
@@ -46,11 +47,14 @@ AppFactory = Callable[..., FastAPI]
 
 @pytest.fixture
 def make_app(tiny_guarded: GuardedModel) -> AppFactory:
-    """``make_app(guarded=None, **settings)``: a fresh app and registry around the tiny model."""
+    """``make_app(guarded=None, **settings)``: a fresh app and registry around the tiny model
+    (or ``guarded``'s pieces), configured by the settings."""
 
     def build(guarded: GuardedModel | None = None, **overrides: Any) -> FastAPI:
         settings = GuardSettings(**{"max_new_tokens": 64, **overrides})
-        return create_app(settings, guarded=guarded or tiny_guarded, registry=CollectorRegistry())
+        base = guarded or tiny_guarded
+        model = configured(base.loaded, base.probe, settings)
+        return create_app(settings, guarded=model, registry=CollectorRegistry())
 
     return build
 

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from guard.api.app import load_guarded
+from guard.engine import TransformersEngine
 from guard.errors import ProbeError
 from guard.generation import GuardedModel
+from guard.loading import load_guarded
 from guard.model import LoadedModel
 from guard.probe import load_probe
 from guard.settings import GuardSettings
@@ -169,8 +170,9 @@ def test_full_queue_is_429_with_retry_after(make_app: AppFactory) -> None:
         gate.wait(30)
 
     with TestClient(app) as client:
-        batcher = services_of(app).batcher
-        assert batcher is not None
+        engine = services_of(app).engine
+        assert isinstance(engine, TransformersEngine)
+        batcher = engine.batcher
         client.portal.start_task_soon(batcher.run_exclusive, block)  # the worker is busy
         assert busy.wait(10)
         deadline = time.monotonic() + 10

@@ -63,7 +63,7 @@ def test_answer_probe_logit_is_the_linear_probe_on_mean_cett(tmp_path: Path) -> 
     trace = teacher_force(
         model, [[3, 4, 5]], [[6, 7, 8, 9]], pad_id=0, neurons=scorer.neuron_selection()
     )[0]
-    token_logits = scorer.token_logits({k: v.unsqueeze(0) for k, v in trace.cett.items()})[0]
+    token_logits = scorer.measure(scorer.flatten(trace.cett))[:, 0]
     # Manual: w . mean(CETT) + b over the probe's (layer, neuron) pairs.
     full = teacher_force(model, [[3, 4, 5]], [[6, 7, 8, 9]], pad_id=0)[0]
     w = probe.weights

@@ -1,4 +1,5 @@
-"""GuardMetrics: the fixed names, types and labels of ARCHITECTURE.md on an injected registry."""
+"""GuardMetrics: the fixed names, types and labels of docs/ARCHITECTURE.md, on an injected
+registry."""
 
 from __future__ import annotations
 

@@ -134,7 +134,7 @@ def test_hooks_removed_after_block_and_after_exception() -> None:
 
 def test_overlapping_captures_are_refused() -> None:
     model = tiny_model("llama")
-    with NeuronCapture(model), pytest.raises(CaptureError, match="another NeuronCapture"):
+    with NeuronCapture(model), pytest.raises(CaptureError, match="another neuron capture"):
         NeuronCapture(model).__enter__()
     with NeuronCapture(model):  # the first one released the model
         pass

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from guard.api.app import create_app
 from guard.decoding import SamplingParams
 from guard.generation import GuardedModel
+from guard.loading import configured
 from guard.settings import GuardSettings
 from tests.api.conftest import MODEL
 from tests.hardening.helpers import serve_in_thread, sse_events
@@ -61,7 +62,8 @@ def audited(
         abort_threshold=abstain, abort_min_tokens=2, audit_log=audit, max_batch=8,
     )  # fmt: skip
     registry = CollectorRegistry()
-    app = create_app(settings, guarded=tiny_guarded, registry=registry)
+    guarded = configured(tiny_guarded.loaded, tiny_guarded.probe, settings)
+    app = create_app(settings, guarded=guarded, registry=registry)
     with serve_in_thread(app) as url:
         yield url, registry, audit
 

@@ -198,7 +198,7 @@ def test_unreachable_goal_is_reported_not_met() -> None:
 def test_hybrid_served_score_equals_the_fitted_hybrid_model() -> None:
     from pathlib import Path
 
-    from guard.model import ModelFingerprint
+    from guard.fingerprint import ModelFingerprint
     from guard.probe import Probe, ProbeManifest, ScoringRecipe, Thresholds
     from probes.assemble import train_served_probe
     from probes.evaluate import score_store

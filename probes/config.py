@@ -1,0 +1,39 @@
+"""The options of ``hguard probes build``: what to train on, how, and where to write it.
+
+config = BuildConfig(dataset=Path("triviaqa.jsonl"), out=Path("probe"))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from guard.model import DEFAULT_MODEL_SPEC
+from guard.probe import PromptRecipe
+from probes.scope import ScopeConfig
+from probes.train import TrainConfig
+
+
+class BuildConfig(BaseModel):
+    """``hguard probes build`` options (issue 2's CLI contract) plus the training recipe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: Path
+    out: Path
+    model: str = DEFAULT_MODEL_SPEC
+    limit: int | None = Field(default=None, ge=1)
+    samples: int = Field(default=0, ge=0)
+    batch_size: int = Field(default=32, ge=1)
+    work_dir: Path | None = None  # default: OUT.parent / (OUT.name + "-work")
+    name: str | None = None  # default: "<model>-<dataset stem>"
+    prompt: PromptRecipe = Field(default_factory=PromptRecipe)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    save_sklearn: bool = True  # probe.joblib (analysis only; the shipped probe omits it)
+    scope: ScopeConfig | None = Field(default_factory=ScopeConfig)  # None: no scope gate
+    sparsity_curve: bool = True
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return self.work_dir or self.out.parent / (self.out.name + "-work")
