@@ -1,11 +1,14 @@
-"""Dynamic micro-batching: one worker thread owns the model; requests queue for it.
+"""Continuous batching: one worker thread owns the model and one running batch; requests join it.
 
-Forward passes through one model must be serialised (`NeuronCapture` refuses overlapping
-captures), so a single worker thread runs them all. Requests wait in a bounded queue
-(full: `OverloadedError`, the API's 429); the worker takes the first, collects more for
-``batch_wait_ms`` up to ``max_batch``, and decodes them as one batch. Rows that finish
-(or whose client went away: `Ticket.cancel`) leave the batch at the next step. Other
-model work (teacher-forced scoring) runs on the same thread between batches.
+Forward passes through one model must be serialised, so a single worker thread runs them
+all. It keeps one `LiveBatch` for its lifetime (`guard.livebatch`): between two decode
+steps it takes waiting requests from a bounded queue while the batch has room (up to
+``max_batch`` rows) and they join at the next step (their prompts prefilled in chunks of
+``prefill_tokens``); rows that finish, abort, or whose client went away (`Ticket.cancel`)
+leave at once. Other model work (teacher-forced scoring, `run_exclusive`) runs on the same
+thread between steps. A full queue refuses with `OverloadedError` (the API's 429); when
+the batch is idle, the first arrival waits ``batch_wait_ms`` for company so a burst
+shares its prompt pass.
 
 Events cross to asyncio through ``loop.call_soon_threadsafe``:
 
@@ -19,17 +22,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from guard.decoding import GenerationRequest, SamplingParams, StepInfo, TokenEvent
-from guard.errors import OverloadedError, ShuttingDownError
+from guard.errors import GuardError, OverloadedError, ShuttingDownError
 from guard.generation import GuardedModel
+from guard.livebatch import DEFAULT_PREFILL_TOKENS, LiveBatch
 from guard.metrics import GuardMetrics
 from guard.results import GenerationResult
 
@@ -97,17 +101,16 @@ class Ticket:
 
 @dataclass
 class _Job:
-    """Exclusive model work (e.g. teacher-forced scoring), run between batches."""
+    """Exclusive model work (e.g. teacher-forced scoring), run between decode steps."""
 
     fn: Callable[[], Any]
     future: Future[Any]
 
-    def cancelled(self) -> bool:
-        return self.future.cancelled()
-
 
 class MicroBatcher:
-    """The worker thread and its bounded queue."""
+    """The worker thread, its running batch and the bounded queue in front of it.
+
+    ``depth`` counts requests and jobs waiting for the worker (not the rows decoding)."""
 
     def __init__(
         self,
@@ -116,20 +119,25 @@ class MicroBatcher:
         max_batch: int = 32,
         queue_size: int = 256,
         batch_wait_ms: float = 5.0,
+        prefill_tokens: int | None = DEFAULT_PREFILL_TOKENS,
         metrics: GuardMetrics | None = None,
     ) -> None:
         self.guarded = guarded
         self.max_batch = max_batch
+        self.queue_size = queue_size
         self.batch_wait_s = batch_wait_ms / 1000.0
+        self.prefill_tokens = prefill_tokens
         self.metrics = metrics
-        self._queue: queue.Queue[Ticket | _Job] = queue.Queue(maxsize=queue_size)
+        self._ready = threading.Condition()  # guards the two queues below
+        self._tickets: deque[Ticket] = deque()
+        self._jobs: deque[_Job] = deque()
         self._closed = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._tickets) + len(self._jobs)
 
     def start(self) -> None:
         if self._thread is None:
@@ -141,9 +149,11 @@ class MicroBatcher:
         self._closed = True
 
     def stop(self, timeout: float | None = None) -> None:
-        """Close, let the worker finish its current batch, and join it."""
+        """Close, let the worker finish the running and queued work, and join it."""
         self._closed = True
         self._stop.set()
+        with self._ready:
+            self._ready.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -151,12 +161,16 @@ class MicroBatcher:
     def _put(self, item: Ticket | _Job) -> None:
         if self._closed:
             raise ShuttingDownError("the server is shutting down; retry on another replica")
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            raise OverloadedError(
-                f"the request queue is full ({self._queue.maxsize} waiting); retry shortly"
-            ) from None
+        with self._ready:
+            if self.depth >= self.queue_size:
+                raise OverloadedError(
+                    f"the request queue is full ({self.queue_size} waiting); retry shortly"
+                )
+            if isinstance(item, Ticket):
+                self._tickets.append(item)
+            else:
+                self._jobs.append(item)
+            self._ready.notify()
         self._gauge()
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Ticket:
@@ -166,7 +180,7 @@ class MicroBatcher:
         return ticket
 
     async def run_exclusive(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the worker thread between batches and await its result."""
+        """Run ``fn`` on the worker thread between decode steps and await its result."""
         job = _Job(fn, Future())
         self._put(job)
         result: T = await asyncio.wrap_future(job.future)
@@ -174,54 +188,70 @@ class MicroBatcher:
 
     def _gauge(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.set(self._queue.qsize())
+            self.metrics.queue_depth.set(self.depth)
 
-    def _collect(self) -> list[Ticket | _Job]:
-        """Block for the first item, then gather more for ``batch_wait_s``."""
-        try:
-            items: list[Ticket | _Job] = [self._queue.get(timeout=0.1)]
-        except queue.Empty:
-            return []
-        deadline = time.monotonic() + self.batch_wait_s
-        while sum(isinstance(i, Ticket) for i in items) < self.max_batch:
-            remaining = deadline - time.monotonic()
-            try:
-                items.append(
-                    self._queue.get(timeout=remaining)
-                    if remaining > 0
-                    else self._queue.get_nowait()
-                )
-            except queue.Empty:
-                break
-        self._gauge()
-        return items
+    def _take(self, room: int, idle: bool) -> tuple[list[_Job], list[Ticket]]:
+        """Every waiting job and up to ``room`` waiting requests. An idle worker blocks for
+        the first item (0.1 s at most), then lets a burst gather for ``batch_wait_s``."""
+        with self._ready:
+            if idle:
+                self._ready.wait_for(self._has_work, timeout=0.1)
+                deadline = time.monotonic() + self.batch_wait_s
+                while self._tickets and len(self._tickets) < room and not self._stop.is_set():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._ready.wait(remaining)
+            jobs = list(self._jobs)
+            self._jobs.clear()
+            tickets = [self._tickets.popleft() for _ in range(min(room, len(self._tickets)))]
+        if jobs or tickets:
+            self._gauge()
+        return jobs, tickets
+
+    def _has_work(self) -> bool:
+        return bool(self._tickets or self._jobs) or self._stop.is_set()
 
     def _run(self) -> None:
-        while not (self._stop.is_set() and self._queue.empty()):
-            items = self._collect()
-            for job in (i for i in items if isinstance(i, _Job)):
+        batch = self.guarded.live_batch(self._on_step, prefill_tokens=self.prefill_tokens)
+        while True:
+            jobs, tickets = self._take(self.max_batch - len(batch), idle=not batch)
+            if not (jobs or tickets or batch) and self._stop.is_set() and not self.depth:
+                return
+            for job in jobs:
                 if job.future.set_running_or_notify_cancel():
                     try:
                         job.future.set_result(job.fn())
                     except Exception as exc:  # handed to the awaiting caller
                         job.future.set_exception(exc)
-            tickets = [i for i in items if isinstance(i, Ticket) and not i.cancelled()]
-            if tickets:
-                self._generate(tickets)
-
-    def _generate(self, tickets: list[Ticket]) -> None:
-        if self.metrics is not None:
-            self.metrics.batch_size.observe(len(tickets))
-        try:
-            self.guarded.generate_batch([t.request for t in tickets], self._on_step)
-        except Exception as exc:  # the outer edge: log, and fail only this batch's requests
-            log.exception("batched generation failed")
             for ticket in tickets:
-                ticket.on_error(exc)
+                if ticket.cancelled():  # the client left while it waited
+                    continue
+                try:
+                    batch.add([ticket.request])
+                except GuardError as exc:  # this request is unusable: fail it alone
+                    ticket.on_error(exc)
+            if batch:
+                self._step(batch)
+
+    def _step(self, batch: LiveBatch) -> None:
+        try:
+            batch.step()
+        except Exception as exc:  # the outer edge: log, and fail only the batch's requests
+            log.exception("batched generation failed")
+            for request in batch.clear():
+                if isinstance(request.sink, Ticket):
+                    request.sink.on_error(exc)
 
     def _on_step(self, step: StepInfo) -> None:
+        """Metrics: ``hguard_batch_size`` once per join (rows decoding right after it),
+        generated tokens and guard work per token every step."""
         metrics = self.metrics
-        if metrics is None or step.scored_tokens == 0:
+        if metrics is None:
+            return
+        if step.joined:
+            metrics.batch_size.observe(step.batch_size)
+        if step.scored_tokens == 0:
             return
         metrics.generated_tokens.inc(step.scored_tokens)
         if self.guarded.guarded:

@@ -1,52 +1,45 @@
-"""The batched decode loop of guarded generation: KV cache, sampling, per-token risk.
+"""One request's side of guarded decoding: what it asks, what it receives, its running state.
 
-One call decodes a batch of requests together (left-padded prompts, positions from the
-attention mask, one `DynamicCache`), inside one `NeuronCapture` on the probe's neurons.
-Per step and row (docs/ARCHITECTURE.md, "Position"):
+`GenerationRequest` (prompt ids, `SamplingParams`, a `GenerationSink`) goes into a running
+batch (`guard.livebatch.LiveBatch`); its sink receives a `TokenEvent` per scored token and
+one `GenerationResult`. `_Row` is the request's decoding state inside the batch; per step
+and row (docs/ARCHITECTURE.md, "Position"):
 
 - the token sampled at step ``t`` is the input of step ``t + 1``: its CETT, hence its probe
   logit, is read there; its log-prob and entropy come from the raw logits of step ``t``
-  (temperature 1, before temperature/top-p), sampling uses the processed logits;
+  (temperature 1, before temperature/top-p), sampling uses the processed logits; a row's
+  first token is sampled from its prompt pass;
 - an end token is not a response token: the row stops without feeding it; a row that
   stops on ``max_tokens`` or a stop string has had its last token fed already, so every
   response token is scored;
-- finished or cancelled rows leave the batch (the cache keeps only live rows);
-- when every live row ends with the token being fed, that last pass skips the LM head and
-  stops after the last probed layer.
+- finished, aborted or cancelled rows leave the batch at once.
 
-Sampling and stop strings live in `guard.sampling`.
+What the numbers mean is the scorer's business (`RiskScorer`), what to do about them the
+policy's (`Policy`): the row only takes the batch's measurements and reports. Sampling and
+stop strings live in `guard.sampling`; each request samples from its own generator, so a
+seeded request gives the same answer alone or in any batch.
 
-Per step there is one device-to-host copy, ``[batch, 4 + layers]`` floats: next ids,
-their log-prob and entropy, and the fed tokens' `RiskScorer.measure` (probe logit and
-per-layer parts). What the numbers mean is the scorer's business, what to do about them
-the policy's: the loop only measures and reports.
-
-    decode_batch(engine, [GenerationRequest(prompt_ids, SamplingParams(max_tokens=32), sink)])
+    request = GenerationRequest(prompt_ids, SamplingParams(max_tokens=32), sink)
+    decode_batch(engine, [request])    # guard.livebatch: sink.on_token(...), sink.on_finish(...)
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from guard.forcing import position_ids_for
-from guard.hooks import Hook, ModelHooks
-from guard.model import left_pad
-from guard.neurons import MLPLayer, NeuronCapture
+from guard.neurons import MLPLayer
 from guard.policy import Policy
 from guard.results import FinishReason, GenerationResult, GuardInfo, ScopeVerdict, TokenRisk
 from guard.sampling import SamplingParams, TextTracker, sample_next
-from guard.scope import FinalHiddenCapture, ScopeGate
-from guard.scoring import RiskScorer, RunningStats, logit_statistics
+from guard.scope import ScopeGate
+from guard.scoring import RiskScorer, RunningStats
 
 __all__ = [
     "DecodeEngine",
@@ -56,8 +49,6 @@ __all__ = [
     "StepInfo",
     "TextTracker",
     "TokenEvent",
-    "cache_argument",
-    "decode_batch",
     "sample_next",
 ]
 
@@ -97,11 +88,13 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class StepInfo:
-    """Per decode step, for metrics: rows in the batch and guard work per scored token."""
+    """Per `LiveBatch.step`, for metrics: rows fed in its decode pass (the rows that joined
+    in it included), tokens scored, seconds of guard work, and rows that joined."""
 
     batch_size: int
     scored_tokens: int
     scoring_seconds: float
+    joined: int = 0
 
 
 @dataclass(frozen=True)
@@ -211,160 +204,3 @@ def _make_row(engine: DecodeEngine, request: GenerationRequest, device: torch.de
             generator.manual_seed(request.params.seed)
     tracker = TextTracker(engine.tokenizer, request.params.stop)
     return _Row(request, engine, tracker, generator)
-
-
-def cache_argument(model: torch.nn.Module) -> str:
-    """The forward keyword for the KV cache: ``cache`` (transformers >= 5.2x) or the older
-    ``past_key_values``."""
-    parameters = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once the last needed layer has run."""
-
-
-def _stop_forward(module: torch.nn.Module, inputs: object, output: object) -> None:
-    raise _StopForward
-
-
-def decode_batch(
-    engine: DecodeEngine,
-    requests: Sequence[GenerationRequest],
-    on_step: Callable[[StepInfo], None] | None = None,
-) -> None:
-    """Decode ``requests`` together; every request's sink gets its tokens and one result."""
-    if not requests:
-        return
-    decoder = _BatchDecoder(engine, requests, on_step)
-    capture: contextlib.AbstractContextManager[NeuronCapture | None] = contextlib.nullcontext()
-    if engine.scorer is not None:
-        capture = NeuronCapture(
-            engine.model,
-            engine.scorer.neuron_selection(),
-            layers=engine.mlp_layers,
-            last_position=True,
-        )
-    with torch.inference_mode(), capture as active:
-        decoder.run(active)
-
-
-class _BatchDecoder:
-    """The state of one batched decode: live rows, attention mask, positions, KV cache."""
-
-    def __init__(
-        self,
-        engine: DecodeEngine,
-        requests: Sequence[GenerationRequest],
-        on_step: Callable[[StepInfo], None] | None,
-    ) -> None:
-        self.engine = engine
-        self.model = engine.model
-        self.device = next(self.model.parameters()).device
-        self.live = [_make_row(engine, request, self.device) for request in requests]
-        self.on_step = on_step
-        self.cache = DynamicCache()
-        self.cache_kw = cache_argument(self.model)
-        input_ids, self.mask = left_pad([r.prompt_ids for r in requests], engine.pad_id)
-        self.input_ids, self.mask = input_ids.to(self.device), self.mask.to(self.device)
-        self.positions = position_ids_for(self.mask)
-
-    def run(self, capture: NeuronCapture | None) -> None:
-        logits = self._prefill()
-        if capture is not None:
-            capture.pop_last()  # prompt positions: not response tokens
-        self.positions = self.positions[:, -1:]
-        while True:
-            self._advance(self._step_values(logits, capture))
-            if not self._prune():
-                return
-            # When every live row ends with the token fed now (max_tokens), nothing is
-            # sampled after it: run the body without the LM head (no logits needed).
-            last = all(len(row.tokens) + 1 >= row.params.max_tokens for row in self.live)
-            step_ids = torch.as_tensor([[row.pending[0] for row in self.live if row.pending]])
-            self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.live), 1))], dim=1)
-            self.positions = self.positions + 1
-            logits = self._forward(step_ids.T.to(self.device), last=last)
-
-    def _prefill(self) -> torch.Tensor | None:
-        """The prompt pass; the scope gate reads its final hidden state (no extra work)."""
-        gate = self.engine.scope_gate
-        if gate is None:
-            return self._forward(self.input_ids, last=False)
-        with FinalHiddenCapture(self.model) as hidden:
-            logits = self._forward(self.input_ids, last=False)
-        for row, verdict in zip(self.live, gate.judge(hidden.take()), strict=True):
-            row.scope = verdict
-        return logits
-
-    def _forward(self, input_ids: torch.Tensor, *, last: bool) -> torch.Tensor | None:
-        kwargs = {
-            "input_ids": input_ids, "attention_mask": self.mask, "position_ids": self.positions,
-            self.cache_kw: self.cache, "use_cache": True,
-        }  # fmt: skip
-        if last:
-            self._final_pass(kwargs)
-            return None
-        return self.model(**kwargs, logits_to_keep=1).logits[:, -1, :]
-
-    def _final_pass(self, kwargs: dict[str, object]) -> None:
-        """Feed the last tokens only as far as the probe reads: no LM head, and no layer
-        after the last probed one (the cache is dropped afterwards, so stopping is safe)."""
-        scorer = self.engine.scorer
-        if scorer is None:  # unguarded: the last token needs no measurement at all
-            return
-        last_layer = max(scorer.layers, default=None)
-        if last_layer is None:
-            return
-        module = self.engine.mlp_layers[last_layer].module
-        # Registered after the capture's hook on that module, so it runs after it.
-        stop = ModelHooks(self.model, "early stop", [Hook(module, _stop_forward)])
-        with contextlib.suppress(_StopForward), stop:
-            self.model.base_model(**kwargs)
-
-    def _step_values(
-        self, logits: torch.Tensor | None, capture: NeuronCapture | None
-    ) -> tuple[list[list[float]], float]:
-        """``[rows, 3 (+ 1 + layers)]`` on the host, and the seconds of guard work."""
-        rows = len(self.live)
-        if logits is None:
-            next_ids = torch.full((rows,), -1, dtype=torch.long, device=self.device)
-        else:
-            params = [row.params for row in self.live]
-            generators = [row.generator for row in self.live]
-            next_ids = sample_next(logits, params, generators, self.engine.end_ids)
-        started = time.perf_counter()
-        parts = [next_ids.double()[:, None]]
-        scorer = self.engine.scorer
-        if capture is not None and scorer is not None and logits is not None:
-            logprob, entropy = logit_statistics(logits, next_ids)
-            parts += [logprob.double()[:, None], entropy.double()[:, None]]
-        else:  # unguarded, or the final pass: no statistics needed
-            parts.append(torch.zeros((rows, 2), dtype=torch.float64, device=self.device))
-        if capture is not None and scorer is not None and self.live[0].pending is not None:
-            parts.append(scorer.measure(capture.pop_last()).double())
-        values = torch.cat(parts, dim=1).tolist()  # the step's one host sync
-        return values, time.perf_counter() - started
-
-    def _advance(self, step: tuple[list[list[float]], float]) -> None:
-        values, seconds = step
-        started = time.perf_counter()
-        scored = sum(row.pending is not None for row in self.live)
-        for row, row_values in zip(self.live, values, strict=True):
-            row.accept(row_values)
-        if self.on_step is not None:
-            seconds += time.perf_counter() - started
-            self.on_step(StepInfo(len(self.live), scored, seconds))
-        for row in self.live:
-            if not row.done and row.request.sink.cancelled():
-                row.finish("cancelled")
-
-    def _prune(self) -> bool:
-        """Drop finished rows from the batch and the cache; False when none is left."""
-        keep = [i for i, row in enumerate(self.live) if not row.done]
-        if keep and len(keep) < len(self.live):
-            index = torch.as_tensor(keep, device=self.device)
-            self.cache.batch_select_indices(index)
-            self.mask, self.positions = self.mask[index], self.positions[index]
-            self.live = [self.live[i] for i in keep]
-        return bool(keep)

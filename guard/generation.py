@@ -1,8 +1,10 @@
 """GuardedModel: a model, its tokenizer and a verified probe, generating and scoring under guard.
 
 It owns the pieces (model, tokenizer, probe, `RiskScorer`, `Policy`, scope gate) and offers
-- `generate_batch`: decode several requests together (`guard.decoding`), each token's risk
-  computed as it is produced and sent to its own request's sink;
+- `generate_batch`: decode several requests together as one fixed batch (`guard.livebatch`),
+  each token's risk computed as it is produced and sent to its own request's sink;
+- `live_batch`: an empty running batch that requests join and leave step by step (the
+  server's worker keeps one);
 - `generate`: one request, blocking, for scripts and tests;
 - `score` / `score_ids`: teacher-force a given answer (`guard.forcing`) and judge it with
   exactly the same arithmetic as live generation.
@@ -22,16 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from guard.decoding import (
-    DecodeEngine,
-    GenerationRequest,
-    SamplingParams,
-    StepInfo,
-    TokenEvent,
-    decode_batch,
-)
+from guard.decoding import DecodeEngine, GenerationRequest, SamplingParams, StepInfo, TokenEvent
 from guard.errors import InvalidRequestError
 from guard.forcing import teacher_force
+from guard.livebatch import DEFAULT_PREFILL_TOKENS, LiveBatch, decode_batch
 from guard.model import LoadedModel, encode_chats, end_token_ids, pad_token_id
 from guard.neurons import find_mlp_layers
 from guard.policy import Policy, ThresholdOverrides
@@ -149,10 +145,17 @@ class GuardedModel:
         on_step: Callable[[StepInfo], None] | None = None,
     ) -> None:
         """Decode ``requests`` as one batch; each sink receives its tokens and its result."""
-        for request in requests:
-            if not request.prompt_ids:
-                raise InvalidRequestError("the prompt is empty: give at least one token")
         decode_batch(self._engine, requests, on_step)
+
+    def live_batch(
+        self,
+        on_step: Callable[[StepInfo], None] | None = None,
+        *,
+        prefill_tokens: int | None = DEFAULT_PREFILL_TOKENS,
+    ) -> LiveBatch:
+        """An empty running batch on this model: requests `add`ed join it at its next
+        `step` (prompts prefilled ``prefill_tokens`` per step at most)."""
+        return LiveBatch(self._engine, on_step, prefill_tokens=prefill_tokens)
 
     def generate(
         self,

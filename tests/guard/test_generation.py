@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from guard.decoding import GenerationRequest, SamplingParams, TextTracker, TokenEvent
-from guard.errors import InvalidRequestError, ProbeError, ProbeModelMismatchError
+from guard.errors import InvalidRequestError, ProbeModelMismatchError
 from guard.generation import GuardedModel
 from guard.model import LoadedModel
 from guard.policy import Decision
 from guard.probe import load_probe
-from guard.results import GenerationResult
+from tests.guard.sinks import Sink
 from tests.guard.tiny_guard import tiny_loaded, tiny_tokenizer, write_probe
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
@@ -34,22 +34,6 @@ def guarded(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Guar
 
 def _prompt(guarded: GuardedModel, question: str) -> list[int]:
     return guarded.encode_chat([{"role": "user", "content": question}])
-
-
-class _Sink:
-    def __init__(self, cancel_after: int | None = None) -> None:
-        self.events: list[TokenEvent] = []
-        self.result: GenerationResult | None = None
-        self.cancel_after = cancel_after
-
-    def on_token(self, event: TokenEvent) -> None:
-        self.events.append(event)
-
-    def on_finish(self, result: GenerationResult) -> None:
-        self.result = result
-
-    def cancelled(self) -> bool:
-        return self.cancel_after is not None and len(self.events) >= self.cancel_after
 
 
 def test_generation_scores_every_token_and_decides(guarded: GuardedModel) -> None:
@@ -79,7 +63,7 @@ def test_teacher_forced_score_equals_generated_risk(guarded: GuardedModel) -> No
 def test_risks_are_the_same_alone_or_in_a_batch(guarded: GuardedModel) -> None:
     prompts = [_prompt(guarded, q) for q in QUESTIONS]
     alone = [guarded.generate(p, GREEDY) for p in prompts]
-    sinks = [_Sink() for _ in prompts]
+    sinks = [Sink() for _ in prompts]
     guarded.generate_batch(
         [GenerationRequest(p, GREEDY, s) for p, s in zip(prompts, sinks, strict=True)]
     )
@@ -93,7 +77,7 @@ def test_risks_are_the_same_alone_or_in_a_batch(guarded: GuardedModel) -> None:
 def test_rows_of_different_lengths_leave_the_batch(guarded: GuardedModel) -> None:
     prompts = [_prompt(guarded, q) for q in QUESTIONS]
     params = [SamplingParams(max_tokens=n, temperature=0.0) for n in (2, 9, 5)]
-    sinks = [_Sink() for _ in prompts]
+    sinks = [Sink() for _ in prompts]
     guarded.generate_batch(
         [GenerationRequest(*a) for a in zip(prompts, params, sinks, strict=True)]
     )
@@ -147,7 +131,7 @@ def test_abort_stops_a_risky_stream(tiny: LoadedModel, tmp_path: Path) -> None:
 def test_cancelled_rows_stop_at_once(guarded: GuardedModel) -> None:
     prompts = [_prompt(guarded, q) for q in QUESTIONS[:2]]
     params = SamplingParams(max_tokens=40, temperature=0.0)
-    gone, staying = _Sink(cancel_after=2), _Sink()
+    gone, staying = Sink(cancel_after=2), Sink()
     guarded.generate_batch([GenerationRequest(prompts[0], params, gone),
                             GenerationRequest(prompts[1], params, staying)])  # fmt: skip
     assert gone.result is not None and gone.result.finish_reason == "cancelled"
@@ -218,17 +202,6 @@ def test_capture_is_released_even_when_a_sink_fails(guarded: GuardedModel) -> No
     assert first.risk == pytest.approx(guarded.generate(_prompt(guarded, "Hi"), GREEDY).risk)
 
 
-@pytest.fixture(scope="module")
-def smol_guarded(smollm2: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> GuardedModel:
-    """SmolLM2 with the shipped probe when there is one, else a fixed few-neuron test probe."""
-    try:
-        probe = load_probe("default")
-        probe.verify_model(smollm2.fingerprint)
-    except ProbeError:
-        probe = load_probe(write_probe(tmp_path_factory.mktemp("smol-probe"), smollm2))
-    return GuardedModel(smollm2, probe)
-
-
 @pytest.mark.slow
 def test_real_model_generation_matches_scoring_and_batching(smol_guarded: GuardedModel) -> None:
     questions = ["What is the capital of France?", "Who wrote Hamlet?"]
@@ -237,7 +210,7 @@ def test_real_model_generation_matches_scoring_and_batching(smol_guarded: Guarde
     params = SamplingParams(max_tokens=12, temperature=0.0)
     alone = [smol_guarded.generate(p, params) for p in prompts]
     assert "paris" in alone[0].text.lower()
-    sinks = [_Sink() for _ in prompts]
+    sinks = [Sink() for _ in prompts]
     smol_guarded.generate_batch(
         [GenerationRequest(p, params, s) for p, s in zip(prompts, sinks, strict=True)]
     )

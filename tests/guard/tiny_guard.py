@@ -78,13 +78,15 @@ def write_probe(
     scale: float = 1.0,
     name: str = "tiny-probe",
     scope_bias: float | None = None,
+    neurons: tuple[int, int, int, int, int] = (3, 17, 5, 40, 63),
 ) -> Path:
     """A probe on a few neurons of both layers with fixed weights; returns its directory.
 
     ``scope_bias`` adds a scope gate (fixed random weights, threshold 0.5): a large
-    positive bias puts every prompt in scope, a large negative one none."""
+    positive bias puts every prompt in scope, a large negative one none. ``neurons``: two
+    of layer 0, then three of layer 1 (narrower MLPs need smaller indices)."""
     layers = np.array([0, 0, 1, 1, 1], dtype=np.int64)
-    neurons = np.array([3, 17, 5, 40, 63], dtype=np.int64)
+    neuron_ids = np.array(neurons, dtype=np.int64)
     weights = np.array([2.0, -1.5, 1.0, 3.0, -0.5], dtype=np.float64) * scale
     manifest = ProbeManifest(
         name=name,
@@ -105,5 +107,5 @@ def write_probe(
         manifest = manifest.model_copy(
             update={"scope": ScopeRecipe(hidden_size=hidden, threshold=0.5)}
         )
-    save_probe(directory, manifest, ProbeWeights(layers, neurons, weights, bias), scope=scope)
+    save_probe(directory, manifest, ProbeWeights(layers, neuron_ids, weights, bias), scope=scope)
     return directory

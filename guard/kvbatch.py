@@ -1,0 +1,221 @@
+"""The model side of a running batch: KV caches, attention masks, positions, forward passes.
+
+Rows are left-padded to one width: row ``i``'s tokens fill the last columns of ``mask[i]``
+and of every cache layer's keys and values ``[rows, kv_heads, width, head_dim]``. Padding
+is masked out, so what the cache holds there never reaches a real token (prompt padding
+holds whatever the prompt pass computed there, merge padding holds zeros). Every row ends
+in the last column, so a decode step appends one column for all rows at once.
+
+- `PromptBatch`: new rows' prompts, fed into their own cache a chunk of columns at a time
+  (chunked prefill), then handed over as a `KVBatch` (`state`);
+- `KVBatch`: the running rows; `grow` makes room for the next token, `decode` runs a step,
+  `feed_until` a step that stops after a given module (no LM head);
+- `KVBatch.select`: rows leave; leading columns that became padding in every row go too;
+- `merge`: rows join: the narrower side is left-padded with masked zeros along the sequence
+  axis, then both are concatenated along the batch axis.
+
+transformers' `DynamicCache` is used through its public surface: the constructor from
+per-layer ``(keys, values)`` (its ``ddp_cache_data`` argument), iteration (each layer's
+``keys, values, sliding window``) and ``batch_select_indices``. Beyond method names we rely
+on the layout its docstring states, ``[batch, heads, seq, head_dim]`` per layer, and on a
+cache built without a model config holding one full (non-sliding) layer per model layer,
+as the decode loop has always used it. Building a cache from tensors copies them once
+(``DynamicLayer.update`` concatenates onto an empty tensor); a join or a trim pays that.
+
+    prompts = PromptBatch.of([[5, 6, 7], [8]], pad_id=0, device=cpu)
+    logits = prompts.feed(model, columns=None)      # [rows, vocab] at the last positions
+    running = prompts.state() if running is None else merge(running, prompts.state())
+    running.grow(); logits = running.decode(model, next_ids)   # one decode step
+    running.select([0, 2])                                    # rows 1 and 3 left
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+
+from guard.forcing import position_ids_for
+from guard.hooks import Hook, ModelHooks
+from guard.model import left_pad
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The forward keyword for the KV cache: ``cache`` (transformers >= 5.2x) or the older
+    ``past_key_values``."""
+    model_class = type(model)
+    keyword = _CACHE_KEYWORDS.get(model_class)
+    if keyword is None:  # inspecting a signature costs more than a small decode step's hooks
+        parameters = inspect.signature(model_class.forward).parameters
+        keyword = _CACHE_KEYWORDS[model_class] = (
+            "cache" if "cache" in parameters else "past_key_values"
+        )
+    return keyword
+
+
+_CACHE_KEYWORDS: dict[type, str] = {}
+
+
+def _lm_logits(model: nn.Module, kwargs: dict[str, object]) -> torch.Tensor:
+    """The model's logits at the last position of each row: ``[rows, vocab]``."""
+    logits: torch.Tensor = model(**kwargs, logits_to_keep=1).logits
+    return logits[:, -1, :]
+
+
+@dataclass
+class KVBatch:
+    """A batch's KV cache with its ``mask`` ``[rows, width]`` (1 = token, 0 = left padding)
+    and ``positions`` ``[rows, 1]``, the position id of each row's newest token."""
+
+    cache: DynamicCache
+    mask: torch.Tensor
+    positions: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[1])
+
+    def grow(self) -> None:
+        """Make room for one more token per row: a mask column and the next positions."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.rows, 1))], dim=1)
+        self.positions = self.positions + 1
+
+    def _inputs(self, model: nn.Module, input_ids: torch.Tensor) -> dict[str, object]:
+        return {
+            "input_ids": input_ids, "attention_mask": self.mask, "position_ids": self.positions,
+            cache_argument(model): self.cache, "use_cache": True,
+        }  # fmt: skip
+
+    def decode(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """Feed ``input_ids`` ``[rows, 1]`` (after `grow`); the next-token logits."""
+        return _lm_logits(model, self._inputs(model, input_ids))
+
+    def feed_until(self, model: nn.Module, input_ids: torch.Tensor, module: nn.Module) -> None:
+        """Feed ``input_ids`` only as far as ``module``: no layer after it, no LM head. The
+        cache is incomplete afterwards (its later layers lack the column): for a batch's
+        last pass only. Hooks on ``module`` registered before this call run.
+
+        The whole model is called (not its ``base_model``), so hooks on the model itself
+        run as in every other pass (`NeuronCapture` reads the batch shape there)."""
+        stop = ModelHooks(model, "early stop", [Hook(module, _stop_forward)])
+        with contextlib.suppress(_StopForward), stop:
+            model(**self._inputs(model, input_ids))
+
+    def select(self, keep: Sequence[int]) -> None:
+        """Keep only the rows ``keep`` (in that order), then drop all-padding columns."""
+        index = torch.as_tensor(list(keep), dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        start = int(self.mask.any(dim=0).long().argmax())  # the first column with a token
+        if start > 0:
+            self.cache = _cache_of((k[..., start:, :], v[..., start:, :]) for k, v in _layers(self))
+            self.mask = self.mask[:, start:]
+
+
+def merge(first: KVBatch, second: KVBatch) -> KVBatch:
+    """``first``'s rows, then ``second``'s, in one batch as wide as the wider of the two."""
+    width = max(first.width, second.width)
+    layers = zip(_layers(first), _layers(second), strict=True)
+    cache = _cache_of(
+        (_stack(k1, k2, width), _stack(v1, v2, width)) for (k1, v1), (k2, v2) in layers
+    )
+    mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in (first.mask, second.mask)])
+    return KVBatch(cache, mask, torch.cat([first.positions, second.positions]))
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompts ``ids``, ``mask``, ``positions`` ``[rows, width]`` being fed into
+    their own cache; ``fed`` columns so far."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    fed: int = 0
+
+    @classmethod
+    def of(cls, prompts: list[list[int]], pad_id: int, device: torch.device) -> PromptBatch:
+        ids, mask = left_pad(prompts, pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        return cls(ids, mask, position_ids_for(mask))
+
+    @property
+    def width(self) -> int:
+        return int(self.ids.shape[1])
+
+    def completes(self, columns: int | None) -> bool:
+        """Whether feeding ``columns`` more (None = all) completes the prompts."""
+        return columns is None or self.fed + columns >= self.width
+
+    def feed(self, model: nn.Module, columns: int | None) -> torch.Tensor | None:
+        """Feed the next ``columns`` (None = the rest). Once the prompts are complete, the
+        logits at their last positions ``[rows, vocab]``; before, None."""
+        start = self.fed
+        self.fed = self.width if columns is None else min(self.width, start + columns)
+        kwargs = {
+            "input_ids": self.ids[:, start : self.fed], "attention_mask": self.mask[:, : self.fed],
+            "position_ids": self.positions[:, start : self.fed],
+            cache_argument(model): self.cache, "use_cache": True,
+        }  # fmt: skip
+        logits = _lm_logits(model, kwargs)  # one position per row: the head costs little
+        return logits if self.fed == self.width else None
+
+    def select(self, keep: Sequence[int]) -> None:
+        """Keep only the rows ``keep``."""
+        index = torch.as_tensor(list(keep), dtype=torch.long, device=self.ids.device)
+        if self.fed > 0:
+            self.cache.batch_select_indices(index)
+        self.ids, self.mask = self.ids[index], self.mask[index]
+        self.positions = self.positions[index]
+
+    def state(self) -> KVBatch:
+        """The complete prompts' model state, ready to decode or to merge into a batch."""
+        if self.fed < self.width:
+            raise RuntimeError(f"the prompts are fed {self.fed} of {self.width} columns")
+        return KVBatch(self.cache, self.mask, self.positions[:, -1:])
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the last needed layer has run."""
+
+
+def _stop_forward(module: nn.Module, inputs: object, output: object) -> None:
+    raise _StopForward
+
+
+def _layers(kv: KVBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's ``(keys, values)``, checked to be as wide as the mask."""
+    layers = [(keys, values) for keys, values, *_ in kv.cache]
+    for keys, _ in layers:
+        if keys is None or keys.shape[-2] != kv.width:
+            raise RuntimeError(
+                f"a KV cache layer holds {None if keys is None else keys.shape[-2]} positions, "
+                f"the mask {kv.width}: the cache is not a complete batch state"
+            )
+    return layers
+
+
+def _stack(top: torch.Tensor, bottom: torch.Tensor, width: int) -> torch.Tensor:
+    """``[rows, ..., seq, d]`` tensors one above the other, right-aligned in ``width``
+    sequence positions with zeros to the left: one allocation, two copies."""
+    rows = top.shape[0]
+    out = top.new_zeros((rows + bottom.shape[0], *top.shape[1:-2], width, top.shape[-1]))
+    out[:rows, ..., width - top.shape[-2] :, :] = top
+    out[rows:, ..., width - bottom.shape[-2] :, :] = bottom
+    return out
+
+
+def _cache_of(layers: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A cache holding the given per-layer ``(keys, values)``."""
+    return DynamicCache(list(layers))

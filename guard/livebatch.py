@@ -1,0 +1,291 @@
+"""The running batch: requests join between decode steps, rows leave at once.
+
+`LiveBatch` owns the rows decoding together and their model state (`guard.kvbatch`: one
+`DynamicCache`, the attention mask, each row's position). Each `LiveBatch.step`
+
+1. feeds waiting prompts into their own KV cache, at most ``prefill_tokens`` (rows x
+   padded width) per step: requests whose padded prompts fit join together in one pass; a
+   longer prompt is fed ``prefill_tokens`` at a time over several steps (chunked prefill).
+   Chunked rather than only bounded, because a bound alone must still let a prompt longer
+   than the bound through in one pass, which stalls every running row for its whole
+   prefill; in chunks, a long prompt delays each decode step by one chunk at most. The
+   pass that completes a group's prompts gives their first sampled tokens and, inside a
+   `FinalHiddenCapture`, the scope gate's input; the group then merges into the running
+   batch (left-padded with masked zeros along the sequence axis);
+2. feeds every running row its pending token in one pass under one `NeuronCapture` (the
+   probe's neurons, last-position mode), with one device-to-host copy ``[rows, 4 +
+   layers]``: next ids, their log-prob and entropy, the fed tokens' `RiskScorer.measure`;
+   each `_Row` scores and decides (`guard.decoding`);
+3. drops the rows that finished, aborted or were cancelled from the batch and the cache.
+
+When every running row ends with the token being fed, that last pass skips the LM head and
+stops after the last probed layer. Hooks are registered per forward pass, so other model
+work (teacher-forced scoring) runs between steps. A row's numbers do not depend on the
+other rows (padding is masked): tested to 1e-4 alone, in a fixed batch and joining or
+leaving mid-flight, on every supported MLP layout.
+
+The server's worker keeps one `LiveBatch` for its lifetime (`guard.batching`);
+`decode_batch` runs a fixed batch (all prompts in one pass) to its end.
+
+    batch = LiveBatch(engine, prefill_tokens=512)
+    batch.add([GenerationRequest(prompt_ids, SamplingParams(max_tokens=32), sink)])
+    while batch:
+        batch.step()
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+# The row's state and its scoring belong to guard.decoding; the batch drives the rows.
+from guard.decoding import DecodeEngine, GenerationRequest, StepInfo, _make_row, _Row
+from guard.errors import InvalidRequestError
+from guard.kvbatch import KVBatch, PromptBatch, merge
+from guard.neurons import NeuronCapture
+from guard.sampling import sample_next
+from guard.scope import FinalHiddenCapture
+from guard.scoring import logit_statistics
+
+# Prompt tokens (rows x padded width) fed per step while other rows decode.
+DEFAULT_PREFILL_TOKENS = 512
+
+
+def decode_batch(
+    engine: DecodeEngine,
+    requests: Sequence[GenerationRequest],
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> None:
+    """Decode ``requests`` as one fixed batch (one prompt pass for all, then steps until the
+    last row leaves); every request's sink gets its tokens and one result."""
+    batch = LiveBatch(engine, on_step, prefill_tokens=None)
+    batch.add(requests)
+    while batch:
+        batch.step()
+
+
+@dataclass
+class _Joining:
+    """Requests whose prompts are being prefilled together (`PromptBatch`)."""
+
+    rows: list[_Row]
+    prompts: PromptBatch
+
+
+class LiveBatch:
+    """The running batch of one model (see the module docstring); calls must be serialised.
+
+    batch = LiveBatch(engine)
+    batch.add(requests)      # they join at the coming steps
+    while batch:
+        batch.step()
+    """
+
+    def __init__(
+        self,
+        engine: DecodeEngine,
+        on_step: Callable[[StepInfo], None] | None = None,
+        *,
+        prefill_tokens: int | None = DEFAULT_PREFILL_TOKENS,
+    ) -> None:
+        if prefill_tokens is not None and prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be at least 1 (or None), not {prefill_tokens}")
+        self.engine = engine
+        self.model = engine.model
+        self.device = next(self.model.parameters()).device
+        self.on_step = on_step
+        self.prefill_tokens = prefill_tokens
+        self.capture: NeuronCapture | None = None
+        if engine.scorer is not None:
+            self.capture = NeuronCapture(
+                self.model,
+                engine.scorer.neuron_selection(),
+                layers=engine.mlp_layers,
+                last_position=True,
+            )
+        self.rows: list[_Row] = []  # running: each has a sampled token to feed next
+        self.kv: KVBatch | None = None  # the running rows' model state, in their order
+        self.joining: _Joining | None = None
+        self.waiting: deque[_Row] = deque()
+
+    def __len__(self) -> int:
+        """Requests in the batch: running, being prefilled, waiting to be."""
+        joining = len(self.joining.rows) if self.joining is not None else 0
+        return len(self.rows) + joining + len(self.waiting)
+
+    def add(self, requests: Sequence[GenerationRequest]) -> None:
+        """Queue requests to join at the coming steps."""
+        for request in requests:
+            if not request.prompt_ids:
+                raise InvalidRequestError("the prompt is empty: give at least one token")
+        self.waiting.extend(_make_row(self.engine, r, self.device) for r in requests)
+
+    def step(self) -> None:
+        """Feed some waiting prompts (they join once complete), then decode one token for
+        every running row."""
+        with torch.inference_mode():
+            joined, seconds = self._join()
+            fed, scored = len(self.rows), 0
+            if self.rows:
+                scored, decode_seconds = self._decode()
+                seconds += decode_seconds
+        if self.on_step is not None:
+            self.on_step(StepInfo(fed, scored, seconds, joined))
+
+    def clear(self) -> list[GenerationRequest]:
+        """Drop every row and the cache (after a failed step); the unfinished requests."""
+        rows = [*self.rows, *(self.joining.rows if self.joining else []), *self.waiting]
+        self.rows, self.kv, self.joining = [], None, None
+        self.waiting.clear()
+        return [row.request for row in rows if not row.done]
+
+    def _join(self) -> tuple[int, float]:
+        """One prefill chunk; when it completes a group: first tokens, scope verdicts, and
+        the merge. Returns the rows that joined and the seconds of guard work."""
+        group = self.joining = self.joining or self._next_group()
+        if group is None or not _drop_cancelled(group):
+            self.joining = None
+            return 0, 0.0
+        logits = self._prefill(group)
+        if logits is None:  # more chunks to go
+            return 0, 0.0
+        self.joining = None
+        values, seconds = self._host_values(group.rows, logits, None)
+        for row, row_values in zip(group.rows, values, strict=True):
+            row.accept(row_values)
+        _cancel_gone(group.rows)
+        keep = [i for i, row in enumerate(group.rows) if not row.done]
+        if keep:
+            kv = group.prompts.state()
+            if len(keep) < len(group.rows):
+                kv.select(keep)
+            self.kv = kv if self.kv is None else merge(self.kv, kv)
+            self.rows += [group.rows[i] for i in keep]
+        return len(group.rows), seconds
+
+    def _next_group(self) -> _Joining | None:
+        """The waiting requests at the head whose padded prompts fit in one chunk (>= 1)."""
+        if not self.waiting:
+            return None
+        rows = [self.waiting.popleft()]
+        width = len(rows[0].request.prompt_ids)
+        while self.waiting:
+            wider = max(width, len(self.waiting[0].request.prompt_ids))
+            if self.prefill_tokens is not None and (len(rows) + 1) * wider > self.prefill_tokens:
+                break
+            rows.append(self.waiting.popleft())
+            width = wider
+        prompts = [row.request.prompt_ids for row in rows]
+        return _Joining(rows, PromptBatch.of(prompts, self.engine.pad_id, self.device))
+
+    def _prefill(self, group: _Joining) -> torch.Tensor | None:
+        """Feed the group's next chunk; its last prompt positions' logits once complete.
+        The scope gate reads the final hidden state of that last pass (no extra work)."""
+        columns = None
+        if self.prefill_tokens is not None:
+            columns = max(1, self.prefill_tokens // len(group.rows))
+        gate = self.engine.scope_gate
+        if gate is None or not group.prompts.completes(columns):
+            return group.prompts.feed(self.model, columns)
+        with FinalHiddenCapture(self.model) as hidden:
+            logits = group.prompts.feed(self.model, columns)
+        for row, verdict in zip(group.rows, gate.judge(hidden.take()), strict=True):
+            row.scope = verdict
+        return logits
+
+    def _decode(self) -> tuple[int, float]:
+        """Feed every running row its pending token, score it, sample the next; rows that
+        are done leave. Returns the tokens scored and the seconds of guard work."""
+        kv, rows = self.kv, self.rows
+        if kv is None:
+            raise RuntimeError("running rows without a KV cache")
+        # When every row ends with the token fed now (max_tokens), nothing is sampled
+        # after it: run the body without the LM head (no logits needed).
+        last = all(len(row.tokens) + 1 >= row.params.max_tokens for row in rows)
+        step_ids = torch.as_tensor([[row.pending[0]] for row in rows if row.pending])
+        kv.grow()
+        logits, measured = self._forward(kv, step_ids.to(self.device), last=last)
+        values, seconds = self._host_values(rows, logits, measured)
+        started = time.perf_counter()
+        for row, row_values in zip(rows, values, strict=True):
+            row.accept(row_values)
+        _cancel_gone(rows)
+        seconds += time.perf_counter() - started
+        self._prune(after_last=last)
+        return len(rows), seconds
+
+    def _forward(
+        self, kv: KVBatch, step_ids: torch.Tensor, *, last: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The decode pass under the neuron capture: logits (None on the last pass) and
+        the fed tokens' CETT ``[rows, K]`` (None unguarded)."""
+        capture = self.capture
+        if capture is None:  # unguarded: the last token needs no measurement at all
+            return (None if last else kv.decode(self.model, step_ids)), None
+        with capture:
+            if not last:
+                return kv.decode(self.model, step_ids), capture.pop_last()
+            # The last pass runs only as far as the probe reads; the capture's hook on
+            # that layer was registered first, so it runs before the stop.
+            scorer = self.engine.scorer
+            layers = scorer.layers if scorer is not None else []
+            last_layer = self.engine.mlp_layers[max(layers)].module
+            kv.feed_until(self.model, step_ids, last_layer)
+            return None, capture.pop_last()
+
+    def _host_values(
+        self, rows: Sequence[_Row], logits: torch.Tensor | None, measured: torch.Tensor | None
+    ) -> tuple[list[list[float]], float]:
+        """``[rows, 3 (+ 1 + layers)]`` on the host (next id, log-prob, entropy, the fed
+        tokens' measurement), and the seconds of guard work: the pass's one host sync."""
+        if logits is None:
+            next_ids = torch.full((len(rows),), -1, dtype=torch.long, device=self.device)
+        else:
+            params = [row.params for row in rows]
+            generators = [row.generator for row in rows]
+            next_ids = sample_next(logits, params, generators, self.engine.end_ids)
+        started = time.perf_counter()
+        parts = [next_ids.double()[:, None]]
+        scorer = self.engine.scorer
+        if scorer is not None and logits is not None:
+            logprob, entropy = logit_statistics(logits, next_ids)
+            parts += [logprob.double()[:, None], entropy.double()[:, None]]
+        else:  # unguarded, or the final pass: no statistics needed
+            parts.append(torch.zeros((len(rows), 2), dtype=torch.float64, device=self.device))
+        if scorer is not None and measured is not None:
+            parts.append(scorer.measure(measured).double())
+        values = torch.cat(parts, dim=1).tolist()
+        return values, time.perf_counter() - started
+
+    def _prune(self, *, after_last: bool) -> None:
+        """Drop finished rows from the batch and the cache."""
+        keep = [i for i, row in enumerate(self.rows) if not row.done]
+        if after_last and keep:
+            raise RuntimeError("a row outlived the final pass: its KV cache is incomplete")
+        if not keep:
+            self.rows, self.kv = [], None
+        elif len(keep) < len(self.rows) and self.kv is not None:
+            self.kv.select(keep)
+            self.rows = [self.rows[i] for i in keep]
+
+
+def _cancel_gone(rows: Sequence[_Row]) -> None:
+    """Finish the rows whose client went away."""
+    for row in rows:
+        if not row.done and row.request.sink.cancelled():
+            row.finish("cancelled")
+
+
+def _drop_cancelled(group: _Joining) -> bool:
+    """Finish and drop a joining group's cancelled rows; False when none is left."""
+    keep = [i for i, row in enumerate(group.rows) if not row.request.sink.cancelled()]
+    if len(keep) < len(group.rows):
+        _cancel_gone(group.rows)
+        if keep:
+            group.prompts.select(keep)
+        group.rows = [group.rows[i] for i in keep]
+    return bool(group.rows)

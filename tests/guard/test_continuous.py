@@ -1,0 +1,251 @@
+"""Continuous batching: a request's tokens, risks, scope and decision do not depend on when it
+joined the running batch, on who else is in it, or on when the others leave; long prompts are
+prefilled in bounded chunks while the running rows keep decoding."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from guard.decoding import GenerationRequest, SamplingParams
+from guard.errors import InvalidRequestError
+from guard.generation import GuardedModel
+from guard.model import LoadedModel, fingerprint_model
+from guard.probe import load_probe
+from guard.results import GenerationResult
+from tests.guard.sinks import Sink
+from tests.guard.tiny_guard import tiny_loaded, tiny_tokenizer, write_probe
+from tests.guard.tiny_models import ARCHITECTURES, VOCAB, tiny_model
+
+MAX = 6  # tokens of the request the others join or leave
+RNG = np.random.default_rng(3)
+PROMPTS = [RNG.integers(3, VOCAB, n).tolist() for n in (5, 17, 3, 11)]  # ids of every model
+
+
+def _guarded(kind: str, directory: Path, **probe: object) -> GuardedModel:
+    """A tiny random model of ``kind`` with the byte tokenizer and a probe on both layers.
+
+    No end token within the model's vocabulary: every answer runs to ``max_tokens``, so the
+    test chooses when rows leave. A sharpened head keeps greedy choices off near-ties."""
+    model = tiny_model(kind)
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)  # padding must embed
+    loaded = LoadedModel(model, tokenizer, fingerprint_model(model), f"tiny-{kind}", "tiny")
+    settings = {"scope_bias": 0.0, "neurons": (3, 17, 5, 40, 47), **probe}  # gate: mixed verdicts
+    path = write_probe(directory, loaded, **settings)  # type: ignore[arg-type]
+    return GuardedModel(loaded, load_probe(path))
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def guarded(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> GuardedModel:
+    return _guarded(request.param, tmp_path_factory.mktemp(f"probe-{request.param}"))
+
+
+def _run(
+    guarded: GuardedModel,
+    schedule: Mapping[int, Sequence[GenerationRequest]],
+    prefill_tokens: int | None = 512,
+) -> int:
+    """Add ``schedule[k]`` to a running batch before its step ``k``; step until it is empty.
+    Returns the number of steps."""
+    batch = guarded.live_batch(prefill_tokens=prefill_tokens)
+    step = 0
+    while batch or step <= max(schedule):
+        batch.add(schedule.get(step, []))
+        if batch:
+            batch.step()
+        step += 1
+    return step
+
+
+def assert_same(got: GenerationResult | None, want: GenerationResult) -> None:
+    assert got is not None
+    assert got.token_ids == want.token_ids
+    assert got.finish_reason == want.finish_reason and got.decision is want.decision
+    np.testing.assert_allclose(got.token_risks, want.token_risks, atol=1e-4)
+    assert got.risk == pytest.approx(want.risk, abs=1e-4)
+    for layer, share in want.layers.items():
+        assert got.layers[layer] == pytest.approx(share, abs=1e-4)
+    assert got.scope is not None and want.scope is not None
+    assert got.scope.score == pytest.approx(want.scope.score, abs=1e-4)
+
+
+def _request(prompt: int, sink: Sink, max_tokens: int) -> GenerationRequest:
+    """Greedy: ``max_tokens`` tokens of ``PROMPTS[prompt]``."""
+    return GenerationRequest(PROMPTS[prompt], SamplingParams(max_tokens, 0.0), sink)
+
+
+@pytest.mark.parametrize("prefill_tokens", [512, 8])
+def test_requests_joining_at_every_step_get_what_they_get_alone(
+    guarded: GuardedModel, prefill_tokens: int
+) -> None:
+    """B (a 17-token prompt: chunked at 8 tokens a step) and C (leaves after 2 tokens) join
+    A at every step of its answer, and after it."""
+    alone = {
+        name: guarded.generate(PROMPTS[p], SamplingParams(max_tokens=n, temperature=0.0))
+        for name, p, n in (("a", 0, MAX), ("b", 1, MAX), ("c", 2, 2))
+    }
+    for k in range(MAX + 2):
+        sinks = {name: Sink() for name in alone}
+        a = _request(0, sinks["a"], MAX)
+        b, c = _request(1, sinks["b"], MAX), _request(2, sinks["c"], 2)
+        schedule = {0: [a, b, c]} if k == 0 else {0: [a], k: [b, c]}
+        _run(guarded, schedule, prefill_tokens)
+        for name, want in alone.items():
+            assert_same(sinks[name].result, want)
+
+
+def test_rows_leaving_at_every_step_change_nothing_for_the_others(guarded: GuardedModel) -> None:
+    """B finishes after m tokens (m = 1 .. MAX + 1) or is cancelled after m tokens
+    (m = 0 .. MAX), joining A at its start or mid-answer."""
+    a_alone = guarded.generate(PROMPTS[0], SamplingParams(max_tokens=MAX, temperature=0.0))
+    b_full = guarded.generate(PROMPTS[3], SamplingParams(max_tokens=MAX + 1, temperature=0.0))
+    for joins_at in (0, 2):
+        for m in range(MAX + 2):
+            a_sink, b_sink, gone = Sink(), Sink(), Sink(cancel_after=m)
+            schedule = {0: [_request(0, a_sink, MAX)]}
+            schedule.setdefault(joins_at, []).extend(
+                [_request(3, b_sink, max(m, 1)), _request(3, gone, MAX + 1)]
+            )
+            _run(guarded, schedule)
+            assert_same(a_sink.result, a_alone)
+            assert b_sink.result is not None
+            assert b_sink.result.token_ids == b_full.token_ids[: max(m, 1)]
+            np.testing.assert_allclose(
+                b_sink.result.token_risks, b_full.token_risks[: max(m, 1)], atol=1e-4
+            )
+            assert gone.result is not None
+            assert gone.result.token_ids == b_full.token_ids[: min(m, MAX + 1)]
+            assert gone.result.finish_reason == ("cancelled" if m <= MAX else "length")
+
+
+def test_seeded_sampling_is_the_same_alone_or_joining(guarded: GuardedModel) -> None:
+    params = SamplingParams(max_tokens=MAX, temperature=1.0, top_p=0.9, seed=11)
+    alone = guarded.generate(PROMPTS[1], params)
+    for k in (1, 3):
+        joined, other = Sink(), Sink()
+        first = GenerationRequest(PROMPTS[0], SamplingParams(max_tokens=MAX, seed=5), other)
+        _run(guarded, {0: [first], k: [GenerationRequest(PROMPTS[1], params, joined)]})
+        assert_same(joined.result, alone)
+
+
+def test_aborted_rows_leave_and_the_others_are_unchanged(tmp_path: Path) -> None:
+    guarded = _guarded("llama", tmp_path, abort=0.01, abort_min_tokens=3, scope_bias=50.0)
+    a_alone = guarded.generate(PROMPTS[0], SamplingParams(max_tokens=MAX, temperature=0.0))
+    aborting = SamplingParams(max_tokens=MAX, temperature=0.0, abort=True)
+    b_alone = guarded.generate(PROMPTS[1], aborting)
+    assert b_alone.aborted and b_alone.completion_tokens == 3
+    for k in range(MAX):
+        a, b = Sink(), Sink()
+        schedule = {0: [_request(0, a, MAX)]}
+        schedule.setdefault(k, []).append(GenerationRequest(PROMPTS[1], aborting, b))
+        _run(guarded, schedule)
+        assert_same(a.result, a_alone)
+        assert_same(b.result, b_alone)
+
+
+def test_a_long_prompt_is_prefilled_in_bounded_chunks_while_the_batch_decodes(
+    tmp_path: Path,
+) -> None:
+    guarded = _guarded("llama", tmp_path)
+    long_prompt = RNG.integers(3, VOCAB, 40).tolist()
+    inputs: list[int] = []
+
+    def record(module: torch.nn.Module, args: object, kwargs: dict[str, object]) -> None:
+        ids = kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor):
+            inputs.append(ids.numel())
+
+    handle = guarded.loaded.model.base_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        running, joining = Sink(), Sink()
+        batch = guarded.live_batch(prefill_tokens=8)
+        batch.add([_request(0, running, 20)])
+        batch.step()
+        batch.add([GenerationRequest(long_prompt, SamplingParams(4, 0.0), joining)])
+        steps_to_join = 0
+        while not joining.events:
+            before = len(running.events)
+            batch.step()
+            steps_to_join += 1
+            assert len(running.events) == before + 1  # the running row never waits
+    finally:
+        handle.remove()
+    assert steps_to_join == 40 // 8  # five chunks; the last one's step scores token 1
+    assert max(inputs) <= 8, inputs
+    while batch:
+        batch.step()
+    alone = guarded.generate(long_prompt, SamplingParams(4, 0.0))
+    assert_same(joining.result, alone)
+
+
+def test_fixed_batch_and_live_batch_agree(guarded: GuardedModel) -> None:
+    sinks = [Sink() for _ in PROMPTS]
+    requests = [_request(i, s, MAX) for i, s in enumerate(sinks)]
+    guarded.generate_batch(requests)
+    for i, sink in enumerate(sinks):
+        assert_same(sink.result, guarded.generate(PROMPTS[i], SamplingParams(MAX, 0.0)))
+
+
+def test_an_empty_prompt_is_refused() -> None:
+    with pytest.raises(InvalidRequestError, match="prompt is empty"):
+        GuardedModel(tiny_loaded(), None).live_batch().add(
+            [GenerationRequest([], SamplingParams(), Sink())]
+        )
+
+
+@pytest.mark.slow
+def test_real_model_requests_joining_mid_answer_match_alone_and_scoring(
+    smol_guarded: GuardedModel,
+) -> None:
+    """SmolLM2: B joins A at token 3 with its prompt chunked (16 tokens a step), C joins at
+    token 1 and leaves after 2 tokens; each equals its answer alone and its teacher-forced
+    score."""
+    smol = smol_guarded
+    ask = smol.prompt_recipe.messages
+    questions = ["What is the capital of France?", "Who wrote Hamlet?", "What is 2 + 2?"]
+    prompts = [smol.encode_chat(ask(q)) for q in questions]
+    lengths = (10, 10, 2)
+    alone = [
+        smol.generate(p, SamplingParams(n, 0.0)) for p, n in zip(prompts, lengths, strict=True)
+    ]
+    sinks = [Sink() for _ in prompts]
+    requests = [
+        GenerationRequest(p, SamplingParams(n, 0.0), s)
+        for p, n, s in zip(prompts, lengths, sinks, strict=True)
+    ]
+    batch = smol.live_batch(prefill_tokens=16)
+    for joining in ([requests[0]], [requests[2]], [], [requests[1]]):
+        batch.add(joining)
+        batch.step()
+    while batch:
+        batch.step()
+    for prompt, sink, want in zip(prompts, sinks, alone, strict=True):
+        assert_same(sink.result, want)
+        scored = smol.score_ids(prompt, want.token_ids)
+        assert scored.risk == pytest.approx(want.risk, abs=1e-4)
+        np.testing.assert_allclose(scored.token_risks, want.token_risks, atol=1e-4)
+
+
+def test_the_tiny_chat_model_joins_too() -> None:
+    """The byte-tokenizer Llama the API tests serve (its own end token and pad id)."""
+    loaded = tiny_loaded()
+    guarded = GuardedModel(loaded, None)
+    prompts = [guarded.encode_chat([{"role": "user", "content": q}]) for q in ("Hi", "Go on.")]
+    alone = [guarded.generate(p, SamplingParams(8, 0.0)) for p in prompts]
+    sinks = [Sink(), Sink()]
+    params = SamplingParams(8, 0.0)
+    requests = [GenerationRequest(p, params, s) for p, s in zip(prompts, sinks, strict=True)]
+    _run(guarded, {0: requests[:1], 2: requests[1:]})
+    for sink, want in zip(sinks, alone, strict=True):
+        assert sink.result is not None and sink.result.token_ids == want.token_ids
+        assert sink.result.risk is None and sink.result.finish_reason == want.finish_reason
