@@ -1,14 +1,21 @@
-"""Server load: single-client vs concurrent streaming throughput of `hguard serve`.
+"""Server load: single-client vs concurrent streaming throughput of `hguard serve`, and the
+engine's own batch limit on the same work.
 
 Starts the server (real model, probe: ``--probe``, else the shipped one, else a synthetic
 stand-in), sends the requests one at a time from one client (single-client tokens/s), then
 the same requests (total, not per client) from ``--clients`` concurrent streaming clients
-on loopback, same prompts and ``max_tokens``, greedy.
+on loopback, same prompts and ``max_tokens``, greedy. Then, with the server stopped, the
+engine decodes the same prompts unguarded, in fixed batches of ``--clients`` (in order),
+in this process: ``batch_limit_tps``, what the engine does at that batch size with no
+HTTP, no guard and no one arriving late (each batch prefilled in one pass, the shared
+prompt prefix kept as the server keeps it); ``batch_limit_ratio`` = aggregate / that.
+``batch_limit_plain_tps``: the same with every batch on its own (as ``model.generate``).
 
     python bench/load.py --clients 16 --requests 64 --out bench/results/load.json
 
-Writes ``{"single_client_tps", "aggregate_tps", "speedup", "errors", "ttft_p50_s",
-"ttft_p99_s", ...}`` (TTFT percentiles of the concurrent phase).
+Writes ``{"single_client_tps", "aggregate_tps", "speedup", "batch_limit_tps",
+"batch_limit_ratio", "batch_limit_plain_tps", "errors", "ttft_p50_s", "ttft_p99_s",
+...}`` (TTFT percentiles of the concurrent phase) and the load average before and after.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ import httpx
 import numpy as np
 from overhead import questions, synthetic_probe  # bench/ is on sys.path as the script's dir
 
-from guard.model import DEFAULT_MODEL_SPEC
+from guard.decoding import GenerationRequest, SamplingParams
+from guard.generation import CollectingSink, GuardedModel
+from guard.model import DEFAULT_MODEL_SPEC, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,8 +154,49 @@ async def run_phase(
         return time.perf_counter() - started, outcomes
 
 
-def summarise(args: argparse.Namespace, single: tuple[float, list[Outcome]],
-              concurrent: tuple[float, list[Outcome]]) -> dict[str, Any]:  # fmt: skip
+def batch_limit(model: str, questions: list[str], max_tokens: int, batch: int) -> dict[str, Any]:
+    """Unguarded fixed-batch decoding of the same chat prompts, ``batch`` at a time, in this
+    process (after a warm-up batch). ``tps``: one running batch kept across the batches,
+    each batch prefilled in one pass, later prompts starting from the shared prefix's keys
+    and values as in the server; ``plain_tps``: every batch on its own (``generate_batch``,
+    like ``model.generate``)."""
+    guarded = GuardedModel(load_model(model), None)
+    prompts = [guarded.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    kept = guarded.live_batch(prefill_tokens=None)
+
+    def run(group: list[list[int]], keep: bool) -> int:
+        sinks = [CollectingSink() for _ in group]
+        requests = [GenerationRequest(p, params, s) for p, s in zip(group, sinks, strict=True)]
+        if keep:
+            kept.add(requests)
+            while kept:
+                kept.step()
+        else:
+            guarded.generate_batch(requests)
+        return sum(s.result.completion_tokens for s in sinks if s.result is not None)
+
+    out: dict[str, Any] = {}
+    for keep, name in ((False, "plain"), (True, "kept")):
+        run(prompts[:batch], keep)  # warm-up (and, kept, the prefix)
+        started = time.perf_counter()
+        tokens = sum(run(prompts[i : i + batch], keep) for i in range(0, len(prompts), batch))
+        seconds = time.perf_counter() - started
+        tps = round(tokens / seconds, 3)
+        out[name] = {"tokens": tokens, "seconds": round(seconds, 3), "tps": tps}
+    return out
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 4) if values else None
+
+
+Phase = tuple[float, list[Outcome]]  # wall seconds, outcomes
+
+
+def summarise(
+    args: argparse.Namespace, single: Phase, concurrent: Phase, limit: dict[str, Any]
+) -> dict[str, Any]:
     single_s, single_out = single
     many_s, many_out = concurrent
     single_tps = sum(o.tokens for o in single_out) / single_s
@@ -156,9 +206,16 @@ def summarise(args: argparse.Namespace, single: tuple[float, list[Outcome]],
         "single_client_tps": round(single_tps, 3),
         "aggregate_tps": round(aggregate_tps, 3),
         "speedup": round(aggregate_tps / single_tps, 3) if single_tps else 0.0,
+        "batch_limit_tps": limit["kept"]["tps"],
+        "batch_limit_ratio": round(aggregate_tps / limit["kept"]["tps"], 4),
+        "batch_limit_plain_tps": limit["plain"]["tps"],
+        "batch_limit_plain_ratio": round(aggregate_tps / limit["plain"]["tps"], 4),
+        "batch_limit": {**limit, "batch": args.clients, "guarded": False},
         "errors": sum(not o.ok for o in single_out + many_out),
-        "ttft_p50_s": round(float(np.percentile(ttfts, 50)), 4) if ttfts else None,
-        "ttft_p99_s": round(float(np.percentile(ttfts, 99)), 4) if ttfts else None,
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p90_s": percentile(ttfts, 90),
+        "ttft_p99_s": percentile(ttfts, 99),
+        "ttft_max_s": round(max(ttfts), 4) if ttfts else None,
         "single_client_ttft_p50_s": round(float(np.median(
             [o.ttft_s for o in single_out if o.ttft_s is not None] or [0.0])), 4),
         "clients": args.clients, "requests": args.requests, "max_tokens": args.max_tokens,
@@ -167,7 +224,8 @@ def summarise(args: argparse.Namespace, single: tuple[float, list[Outcome]],
         "seconds": {"single": round(single_s, 3), "concurrent": round(many_s, 3)},
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": sys.version.split()[0], "load_avg": os.getloadavg()},
+                    "python": sys.version.split()[0], "load_avg_before": args.load_before,
+                    "load_avg": os.getloadavg()},
     }  # fmt: skip
 
 
@@ -180,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", help="probe directory (default: shipped, else synthetic)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    args.load_before = os.getloadavg()
     prompts = [f"{q} Answer in a few words." for q in questions(args.requests)]
     with tempfile.TemporaryDirectory() as work:
         probe = prepare_probe(args.probe, args.model, Path(work))
@@ -198,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.send_signal(signal.SIGTERM)
             exit_code = server.wait(60)
-    result = summarise(args, single, concurrent)
+    limit = batch_limit(args.model, prompts, args.max_tokens, args.clients)
+    result = summarise(args, single, concurrent, limit)
     result["server_exit_code"] = exit_code
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

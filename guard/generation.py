@@ -152,10 +152,13 @@ class GuardedModel:
         on_step: Callable[[StepInfo], None] | None = None,
         *,
         prefill_tokens: int | None = DEFAULT_PREFILL_TOKENS,
+        reuse_prefix: bool = True,
     ) -> LiveBatch:
         """An empty running batch on this model: requests `add`ed join it at its next
-        `step` (prompts prefilled ``prefill_tokens`` per step at most)."""
-        return LiveBatch(self._engine, on_step, prefill_tokens=prefill_tokens)
+        `step` (see `guard.livebatch.LiveBatch` for ``prefill_tokens``, ``reuse_prefix``)."""
+        return LiveBatch(
+            self._engine, on_step, prefill_tokens=prefill_tokens, reuse_prefix=reuse_prefix
+        )
 
     def generate(
         self,

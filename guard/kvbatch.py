@@ -7,7 +7,8 @@ holds whatever the prompt pass computed there, merge padding holds zeros). Every
 in the last column, so a decode step appends one column for all rows at once.
 
 - `PromptBatch`: new rows' prompts, fed into their own cache a chunk of columns at a time
-  (chunked prefill), then handed over as a `KVBatch` (`state`);
+  (chunked prefill), then handed over as a `KVBatch` (`state`); a `Prefix` (the keys and
+  values of an earlier prompt) starts the rows whose prompts begin with its tokens;
 - `KVBatch`: the running rows; `grow` makes room for the next token, `decode` runs a step,
   `feed_until` a step that stops after a given module (no LM head);
 - `KVBatch.select`: rows leave; leading columns that became padding in every row go too;
@@ -133,10 +134,33 @@ def merge(first: KVBatch, second: KVBatch) -> KVBatch:
     return KVBatch(cache, mask, torch.cat([first.positions, second.positions]))
 
 
+@dataclass(frozen=True)
+class Prefix:
+    """A prompt's keys and values, kept so that later prompts beginning with the same tokens
+    (a chat template's system prompt) skip that part of their prefill: ``tokens`` and per
+    layer ``(keys, values)`` ``[1, heads, len(tokens), head_dim]``, positions from 0."""
+
+    tokens: tuple[int, ...]
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    def shared(self, prompt: Sequence[int]) -> int:
+        """How many leading tokens of ``prompt`` this holds, leaving at least one to feed
+        (its pass gives the first logits)."""
+        limit, n = min(len(self.tokens), len(prompt) - 1), 0
+        while n < limit and self.tokens[n] == prompt[n]:
+            n += 1
+        return n
+
+
 @dataclass
 class PromptBatch:
-    """Left-padded prompts ``ids``, ``mask``, ``positions`` ``[rows, width]`` being fed into
-    their own cache; ``fed`` columns so far."""
+    """Prompts ``ids``, ``mask``, ``positions`` ``[rows, width]`` being fed into their own
+    cache; ``fed`` columns so far.
+
+    Without a prefix the prompts are left-padded. With a `Prefix`, row ``i`` is laid out
+    ``[its shared tokens | padding | the rest]``: the first ``max(shared)`` columns come
+    from the prefix's cache (rows sharing fewer tokens mask the remainder), the rest is fed,
+    right-aligned. Positions skip the padding, so every token sits where it would alone."""
 
     ids: torch.Tensor
     mask: torch.Tensor
@@ -145,14 +169,39 @@ class PromptBatch:
     fed: int = 0
 
     @classmethod
-    def of(cls, prompts: list[list[int]], pad_id: int, device: torch.device) -> PromptBatch:
-        ids, mask = left_pad(prompts, pad_id)
+    def of(
+        cls,
+        prompts: list[list[int]],
+        pad_id: int,
+        device: torch.device,
+        prefix: Prefix | None = None,
+        shared: Sequence[int] | None = None,
+    ) -> PromptBatch:
+        """``shared[i]``: how many of ``prompts[i]``'s first tokens ``prefix`` holds."""
+        skip = list(shared) if prefix is not None and shared is not None else [0] * len(prompts)
+        ids, mask = left_pad([p[n:] for p, n in zip(prompts, skip, strict=True)], pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        return cls(ids, mask, position_ids_for(mask))
+        head = max(skip, default=0)
+        if prefix is None or head == 0:
+            return cls(ids, mask, position_ids_for(mask))
+        rows = len(prompts)
+        head_ids = torch.as_tensor(prefix.tokens[:head], device=device).expand(rows, head)
+        held = torch.as_tensor(skip, device=device)[:, None]
+        head_mask = torch.arange(head, device=device)[None, :] < held
+        ids, mask = torch.cat([head_ids, ids], dim=1), torch.cat([head_mask.long(), mask], dim=1)
+        cache = _cache_of(
+            (k[..., :head, :].expand(rows, -1, -1, -1), v[..., :head, :].expand(rows, -1, -1, -1))
+            for k, v in prefix.layers
+        )
+        return cls(ids, mask, position_ids_for(mask), cache, fed=head)
 
     @property
     def width(self) -> int:
         return int(self.ids.shape[1])
+
+    @property
+    def rows(self) -> int:
+        return int(self.ids.shape[0])
 
     def completes(self, columns: int | None) -> bool:
         """Whether feeding ``columns`` more (None = all) completes the prompts."""
@@ -174,10 +223,19 @@ class PromptBatch:
     def select(self, keep: Sequence[int]) -> None:
         """Keep only the rows ``keep``."""
         index = torch.as_tensor(list(keep), dtype=torch.long, device=self.ids.device)
-        if self.fed > 0:
+        if self.cache.get_seq_length() > 0:
             self.cache.batch_select_indices(index)
         self.ids, self.mask = self.ids[index], self.mask[index]
         self.positions = self.positions[index]
+
+    def prefix(self, row: int) -> Prefix:
+        """Row ``row``'s complete prompt as a `Prefix` for later prompts (copied out)."""
+        columns = self.mask[row].nonzero().squeeze(-1)
+        layers = tuple(
+            (k[row : row + 1].index_select(-2, columns), v[row : row + 1].index_select(-2, columns))
+            for k, v in _layers(self.state())
+        )
+        return Prefix(tuple(int(i) for i in self.ids[row, columns].tolist()), layers)
 
     def state(self) -> KVBatch:
         """The complete prompts' model state, ready to decode or to merge into a batch."""

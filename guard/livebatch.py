@@ -3,15 +3,24 @@
 `LiveBatch` owns the rows decoding together and their model state (`guard.kvbatch`: one
 `DynamicCache`, the attention mask, each row's position). Each `LiveBatch.step`
 
-1. feeds waiting prompts into their own KV cache, at most ``prefill_tokens`` (rows x
-   padded width) per step: requests whose padded prompts fit join together in one pass; a
-   longer prompt is fed ``prefill_tokens`` at a time over several steps (chunked prefill).
-   Chunked rather than only bounded, because a bound alone must still let a prompt longer
-   than the bound through in one pass, which stalls every running row for its whole
-   prefill; in chunks, a long prompt delays each decode step by one chunk at most. The
-   pass that completes a group's prompts gives their first sampled tokens and, inside a
-   `FinalHiddenCapture`, the scope gate's input; the group then merges into the running
-   batch (left-padded with masked zeros along the sequence axis);
+1. feeds waiting prompts into their own KV cache (prefill), then lets them join:
+   - at most ``prefill_tokens`` prompt tokens (rows x padded width) per step while rows
+     are decoding; an idle batch stalls nobody, so it prefills every waiting group in one
+     step (each group still at most ``prefill_tokens``: the burst's first tokens come one
+     decode pass after the last prompt, not one per group);
+   - requests are grouped oldest first; a later one joins a group while the group stays
+     within the cap and its padding within `MAX_PADDING` (prompts of mixed lengths cost
+     their own length, not the longest one's);
+   - a prompt longer than the cap is fed ``prefill_tokens`` at a time, one chunk per step
+     (chunked prefill). Chunked rather than only bounded: a bound alone must still let a
+     prompt longer than the bound through in one pass, stalling every running row for its
+     whole prefill; in chunks, it delays each decode step by one chunk at most;
+   - a prompt that begins like an earlier one (a chat template's system prompt) starts
+     from that prompt's keys and values (`guard.kvbatch.Prefix`) and feeds only the rest;
+     the kept prefix is the first prompt of the last group that found little in it;
+   - the pass that completes a group gives its first sampled tokens and, inside a
+     `FinalHiddenCapture`, the scope gate's input; the group then merges into the running
+     batch (left-padded with masked zeros along the sequence axis);
 2. feeds every running row its pending token in one pass under one `NeuronCapture` (the
    probe's neurons, last-position mode), with one device-to-host copy ``[rows, 4 +
    layers]``: next ids, their log-prob and entropy, the fed tokens' `RiskScorer.measure`;
@@ -25,7 +34,7 @@ other rows (padding is masked): tested to 1e-4 alone, in a fixed batch and joini
 leaving mid-flight, on every supported MLP layout.
 
 The server's worker keeps one `LiveBatch` for its lifetime (`guard.batching`);
-`decode_batch` runs a fixed batch (all prompts in one pass) to its end.
+`decode_batch` runs a fixed batch (all prompts in one pass, nothing kept) to its end.
 
     batch = LiveBatch(engine, prefill_tokens=512)
     batch.add([GenerationRequest(prompt_ids, SamplingParams(max_tokens=32), sink)])
@@ -45,7 +54,7 @@ import torch
 # The row's state and its scoring belong to guard.decoding; the batch drives the rows.
 from guard.decoding import DecodeEngine, GenerationRequest, StepInfo, _make_row, _Row
 from guard.errors import InvalidRequestError
-from guard.kvbatch import KVBatch, PromptBatch, merge
+from guard.kvbatch import KVBatch, Prefix, PromptBatch, merge
 from guard.neurons import NeuronCapture
 from guard.sampling import sample_next
 from guard.scope import FinalHiddenCapture
@@ -53,6 +62,10 @@ from guard.scoring import logit_statistics
 
 # Prompt tokens (rows x padded width) fed per step while other rows decode.
 DEFAULT_PREFILL_TOKENS = 512
+# Rows prefilled together waste at most this share of the pass on padding.
+MAX_PADDING = 0.25
+# A group whose rows took fewer tokens than this from the kept prefix replaces it.
+MIN_SHARED_PREFIX = 8
 
 
 def decode_batch(
@@ -62,7 +75,7 @@ def decode_batch(
 ) -> None:
     """Decode ``requests`` as one fixed batch (one prompt pass for all, then steps until the
     last row leaves); every request's sink gets its tokens and one result."""
-    batch = LiveBatch(engine, on_step, prefill_tokens=None)
+    batch = LiveBatch(engine, on_step, prefill_tokens=None, reuse_prefix=False)
     batch.add(requests)
     while batch:
         batch.step()
@@ -70,10 +83,12 @@ def decode_batch(
 
 @dataclass
 class _Joining:
-    """Requests whose prompts are being prefilled together (`PromptBatch`)."""
+    """Requests whose prompts are being prefilled together (`PromptBatch`); ``shared``: the
+    most prompt tokens a row took from the prefix."""
 
     rows: list[_Row]
     prompts: PromptBatch
+    shared: int
 
 
 class LiveBatch:
@@ -91,6 +106,7 @@ class LiveBatch:
         on_step: Callable[[StepInfo], None] | None = None,
         *,
         prefill_tokens: int | None = DEFAULT_PREFILL_TOKENS,
+        reuse_prefix: bool = True,
     ) -> None:
         if prefill_tokens is not None and prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be at least 1 (or None), not {prefill_tokens}")
@@ -99,6 +115,8 @@ class LiveBatch:
         self.device = next(self.model.parameters()).device
         self.on_step = on_step
         self.prefill_tokens = prefill_tokens
+        self.reuse_prefix = reuse_prefix
+        self.prefix: Prefix | None = None  # an earlier prompt's keys and values
         self.capture: NeuronCapture | None = None
         if engine.scorer is not None:
             self.capture = NeuronCapture(
@@ -144,16 +162,86 @@ class LiveBatch:
         return [row.request for row in rows if not row.done]
 
     def _join(self) -> tuple[int, float]:
-        """One prefill chunk; when it completes a group: first tokens, scope verdicts, and
-        the merge. Returns the rows that joined and the seconds of guard work."""
-        group = self.joining = self.joining or self._next_group()
-        if group is None or not _drop_cancelled(group):
-            self.joining = None
-            return 0, 0.0
-        logits = self._prefill(group)
-        if logits is None:  # more chunks to go
-            return 0, 0.0
-        self.joining = None
+        """Prefill waiting prompts: at most ``prefill_tokens`` per step while rows decode;
+        an idle batch stalls nobody, so then every group that fits in one pass (each at
+        most ``prefill_tokens``). A longer prompt gets one chunk per step. Groups whose
+        prompts are complete join. Returns the rows that joined and the guard seconds."""
+        budget = self.prefill_tokens if self.rows else None  # None: no limit this step
+        joined, seconds = 0, 0.0
+        group = self.joining
+        while budget is None or budget > 0:
+            if group is None:
+                fresh = self.joining is None and budget in (None, self.prefill_tokens)
+                group = self._next_group(self._cap(budget), may_chunk=fresh)
+                if group is None:
+                    break
+            if _drop_cancelled(group):
+                budget, logits = self._feed(group, budget)
+                if logits is None:  # a long prompt: more chunks at the next steps
+                    self.joining = group
+                else:
+                    self.joining = None if group is self.joining else self.joining
+                    seconds += self._admit(group, logits)
+                    joined += len(group.rows)
+            elif group is self.joining:
+                self.joining = None
+            group = None
+        return joined, seconds
+
+    def _cap(self, budget: int | None) -> int | None:
+        """The most prompt tokens one group may feed now (None: no limit at all)."""
+        limit = self.prefill_tokens
+        return limit if budget is None or limit is None else min(budget, limit)
+
+    def _feed(self, group: _Joining, budget: int | None) -> tuple[int | None, torch.Tensor | None]:
+        """One pass of the group's prompts within the cap; the budget left, and the logits
+        once the prompts are complete."""
+        cap, prompts, before = self._cap(budget), group.prompts, group.prompts.fed
+        logits = self._prefill(group, None if cap is None else max(1, cap // prompts.rows))
+        if budget is not None:
+            budget -= prompts.rows * (prompts.fed - before)
+        return budget, logits
+
+    def _next_group(self, cap: int | None, *, may_chunk: bool) -> _Joining | None:
+        """Waiting requests to prefill together: the oldest, then later ones (in order)
+        while rows x longest part to feed stays within ``cap`` and padding within
+        `MAX_PADDING` of that. An oldest longer than ``cap`` alone, to be fed in chunks,
+        if ``may_chunk``. ``cap=None``: everything waiting, in one pass."""
+        if not self.waiting:
+            return None
+        prefix = self.prefix
+        shared = {id(r): prefix.shared(r.request.prompt_ids) if prefix else 0 for r in self.waiting}
+
+        def fed(row: _Row) -> int:
+            return len(row.request.prompt_ids) - shared[id(row)]
+
+        head = self.waiting[0]
+        chosen, width, real = [head], fed(head), fed(head)
+        if cap is None:
+            chosen = list(self.waiting)
+        elif width > cap and not may_chunk:
+            return None
+        elif width <= cap:
+            for row in list(self.waiting)[1:]:
+                wider = max(width, fed(row))
+                cost = (len(chosen) + 1) * wider
+                if cost <= cap and real + fed(row) >= (1 - MAX_PADDING) * cost:
+                    chosen, width, real = [*chosen, row], wider, real + fed(row)
+        taken = {id(row) for row in chosen}
+        self.waiting = deque(row for row in self.waiting if id(row) not in taken)
+        skip = [shared[id(row)] for row in chosen]
+        prompts = PromptBatch.of(
+            [row.request.prompt_ids for row in chosen], self.engine.pad_id, self.device,
+            prefix, skip,
+        )  # fmt: skip
+        return _Joining(chosen, prompts, max(skip))
+
+    def _admit(self, group: _Joining, logits: torch.Tensor) -> float:
+        """A group's prompts are complete: keep its first prompt as the prefix for later
+        prompts when the current one gave it little, sample the first tokens, merge the rows
+        that go on into the running batch. Returns the seconds of guard work."""
+        if self.reuse_prefix and group.shared < MIN_SHARED_PREFIX:
+            self.prefix = group.prompts.prefix(0)
         values, seconds = self._host_values(group.rows, logits, None)
         for row, row_values in zip(group.rows, values, strict=True):
             row.accept(row_values)
@@ -165,29 +253,11 @@ class LiveBatch:
                 kv.select(keep)
             self.kv = kv if self.kv is None else merge(self.kv, kv)
             self.rows += [group.rows[i] for i in keep]
-        return len(group.rows), seconds
+        return seconds
 
-    def _next_group(self) -> _Joining | None:
-        """The waiting requests at the head whose padded prompts fit in one chunk (>= 1)."""
-        if not self.waiting:
-            return None
-        rows = [self.waiting.popleft()]
-        width = len(rows[0].request.prompt_ids)
-        while self.waiting:
-            wider = max(width, len(self.waiting[0].request.prompt_ids))
-            if self.prefill_tokens is not None and (len(rows) + 1) * wider > self.prefill_tokens:
-                break
-            rows.append(self.waiting.popleft())
-            width = wider
-        prompts = [row.request.prompt_ids for row in rows]
-        return _Joining(rows, PromptBatch.of(prompts, self.engine.pad_id, self.device))
-
-    def _prefill(self, group: _Joining) -> torch.Tensor | None:
-        """Feed the group's next chunk; its last prompt positions' logits once complete.
-        The scope gate reads the final hidden state of that last pass (no extra work)."""
-        columns = None
-        if self.prefill_tokens is not None:
-            columns = max(1, self.prefill_tokens // len(group.rows))
+    def _prefill(self, group: _Joining, columns: int | None) -> torch.Tensor | None:
+        """Feed the group's next ``columns``; its last prompt positions' logits once
+        complete. The scope gate reads the final hidden state of that last pass."""
         gate = self.engine.scope_gate
         if gate is None or not group.prompts.completes(columns):
             return group.prompts.feed(self.model, columns)

@@ -23,7 +23,17 @@ from tests.guard.tiny_models import ARCHITECTURES, VOCAB, tiny_model
 
 MAX = 6  # tokens of the request the others join or leave
 RNG = np.random.default_rng(3)
-PROMPTS = [RNG.integers(3, VOCAB, n).tolist() for n in (5, 17, 3, 11)]  # ids of every model
+
+
+def _ids(n: int) -> list[int]:
+    return [int(i) for i in RNG.integers(3, VOCAB, n)]  # ids valid in every tiny model
+
+
+# Prompts 0 and 2 share 10 leading tokens (a system prompt), prompt 3 shares 6 of them,
+# prompt 1 none (it starts with a token the others never use): a request joins with the
+# keys and values of an earlier prompt's shared part, or without.
+COMMON = _ids(10)
+PROMPTS = [COMMON + _ids(5), [2, *_ids(16)], COMMON + _ids(3), COMMON[:6] + _ids(5)]
 
 
 def _guarded(kind: str, directory: Path, **probe: object) -> GuardedModel:
@@ -88,8 +98,8 @@ def _request(prompt: int, sink: Sink, max_tokens: int) -> GenerationRequest:
 def test_requests_joining_at_every_step_get_what_they_get_alone(
     guarded: GuardedModel, prefill_tokens: int
 ) -> None:
-    """B (a 17-token prompt: chunked at 8 tokens a step) and C (leaves after 2 tokens) join
-    A at every step of its answer, and after it."""
+    """B (a 17-token prompt: chunked at 8 tokens a step) and C (leaves after 2 tokens, its
+    prompt starting like A's) join A at every step of its answer, and after it."""
     alone = {
         name: guarded.generate(PROMPTS[p], SamplingParams(max_tokens=n, temperature=0.0))
         for name, p, n in (("a", 0, MAX), ("b", 1, MAX), ("c", 2, 2))
@@ -157,18 +167,11 @@ def test_a_long_prompt_is_prefilled_in_bounded_chunks_while_the_batch_decodes(
     tmp_path: Path,
 ) -> None:
     guarded = _guarded("llama", tmp_path)
-    long_prompt = RNG.integers(3, VOCAB, 40).tolist()
-    inputs: list[int] = []
-
-    def record(module: torch.nn.Module, args: object, kwargs: dict[str, object]) -> None:
-        ids = kwargs.get("input_ids")
-        if isinstance(ids, torch.Tensor):
-            inputs.append(ids.numel())
-
-    handle = guarded.loaded.model.base_model.register_forward_pre_hook(record, with_kwargs=True)
+    long_prompt = [1, *_ids(39)]  # shares nothing with the running request
+    inputs = _record_inputs(guarded)
     try:
         running, joining = Sink(), Sink()
-        batch = guarded.live_batch(prefill_tokens=8)
+        batch = guarded.live_batch(prefill_tokens=16)
         batch.add([_request(0, running, 20)])
         batch.step()
         batch.add([GenerationRequest(long_prompt, SamplingParams(4, 0.0), joining)])
@@ -179,13 +182,70 @@ def test_a_long_prompt_is_prefilled_in_bounded_chunks_while_the_batch_decodes(
             steps_to_join += 1
             assert len(running.events) == before + 1  # the running row never waits
     finally:
-        handle.remove()
-    assert steps_to_join == 40 // 8  # five chunks; the last one's step scores token 1
-    assert max(inputs) <= 8, inputs
+        inputs.handle.remove()
+    assert steps_to_join == 3  # chunks of 16, 16, 8; the last one's step scores token 1
+    assert max(inputs) <= 16, inputs
     while batch:
         batch.step()
     alone = guarded.generate(long_prompt, SamplingParams(4, 0.0))
     assert_same(joining.result, alone)
+
+
+def test_an_idle_batch_prefills_everything_a_busy_one_its_budget(tmp_path: Path) -> None:
+    """Budget 16 prompt tokens a step: three prompts of 11-15 tokens need three passes.
+    Idle, all three join in the first step; while they decode, three more join one a step
+    (no prefix reuse: every prompt is fed whole)."""
+    guarded = _guarded("llama", tmp_path)
+    for reuse in (True, False):
+        batch = guarded.live_batch(prefill_tokens=16, reuse_prefix=reuse)
+        first = [Sink() for _ in range(3)]
+        batch.add([_request(i, sink, MAX) for i, sink in zip((0, 3, 2), first, strict=True)])
+        batch.step()
+        assert [len(sink.events) for sink in first] == [1, 1, 1]
+    later = [Sink() for _ in range(3)]
+    batch.add([_request(i, sink, MAX) for i, sink in zip((0, 3, 2), later, strict=True)])
+    joined = []
+    for _ in range(3):
+        batch.step()
+        joined.append(sum(bool(sink.events) for sink in later))
+    assert joined == [1, 2, 3]
+
+
+def test_a_prompt_starting_like_an_earlier_one_feeds_only_the_rest(tmp_path: Path) -> None:
+    guarded = _guarded("llama", tmp_path)
+    inputs = _record_inputs(guarded)
+    try:
+        first, second = Sink(), Sink()
+        batch = guarded.live_batch()
+        batch.add([_request(0, first, MAX)])
+        batch.step()
+        inputs.clear()
+        batch.add([_request(2, second, MAX)])
+        batch.step()
+        assert inputs == [len(PROMPTS[2]) - len(COMMON), 2]  # its own 3 tokens, then a step
+        while batch:
+            batch.step()
+    finally:
+        inputs.handle.remove()
+    assert_same(second.result, guarded.generate(PROMPTS[2], SamplingParams(MAX, 0.0)))
+
+
+class _Inputs(list[int]):
+    handle: torch.utils.hooks.RemovableHandle
+
+
+def _record_inputs(guarded: GuardedModel) -> _Inputs:
+    """Every forward pass's input token count (rows x columns), until ``.handle.remove()``."""
+    inputs = _Inputs()
+
+    def record(module: torch.nn.Module, args: object, kwargs: dict[str, object]) -> None:
+        ids = kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor):
+            inputs.append(ids.numel())
+
+    model = guarded.loaded.model.base_model
+    inputs.handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    return inputs
 
 
 def test_fixed_batch_and_live_batch_agree(guarded: GuardedModel) -> None:
@@ -207,9 +267,9 @@ def test_an_empty_prompt_is_refused() -> None:
 def test_real_model_requests_joining_mid_answer_match_alone_and_scoring(
     smol_guarded: GuardedModel,
 ) -> None:
-    """SmolLM2: B joins A at token 3 with its prompt chunked (16 tokens a step), C joins at
-    token 1 and leaves after 2 tokens; each equals its answer alone and its teacher-forced
-    score."""
+    """SmolLM2: C and B join while A decodes, their prompts fed 16 tokens a step and started
+    from the keys and values of the system prompt they share with A; C leaves after 2
+    tokens. Each equals its answer alone and its teacher-forced score."""
     smol = smol_guarded
     ask = smol.prompt_recipe.messages
     questions = ["What is the capital of France?", "Who wrote Hamlet?", "What is 2 + 2?"]
