@@ -2,8 +2,8 @@
 
 The HTTP layer (`guard.api`) talks to an `Engine` only: tokenise a request, submit it and
 read its scored tokens as a `TokenStream`, cancel it, score a given answer, start and
-stop. `TransformersEngine` implements it with our own batched decode loop
-(`guard.decoding`) behind one worker thread (`guard.batching`); another engine (vLLM)
+stop. `TransformersEngine` implements it with our own continuously batched decode loop
+(`guard.livebatch`) behind one worker thread (`guard.batching`); another engine (vLLM)
 implements the same Protocol without touching the API layer. Whatever the engine, the
 numbers come from `guard.scoring.RiskScorer` and the decision from `guard.policy.Policy`.
 

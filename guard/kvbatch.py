@@ -15,13 +15,13 @@ in the last column, so a decode step appends one column for all rows at once.
 - `merge`: rows join: the narrower side is left-padded with masked zeros along the sequence
   axis, then both are concatenated along the batch axis.
 
-transformers' `DynamicCache` is used through its public surface: the constructor from
-per-layer ``(keys, values)`` (its ``ddp_cache_data`` argument), iteration (each layer's
-``keys, values, sliding window``) and ``batch_select_indices``. Beyond method names we rely
-on the layout its docstring states, ``[batch, heads, seq, head_dim]`` per layer, and on a
-cache built without a model config holding one full (non-sliding) layer per model layer,
-as the decode loop has always used it. Building a cache from tensors copies them once
-(``DynamicLayer.update`` concatenates onto an empty tensor); a join or a trim pays that.
+transformers' `DynamicCache` is used through its public surface where it has one:
+iteration (each layer's ``keys, values, sliding window``), ``batch_select_indices``,
+``get_seq_length``, the layout its docstring states (``[batch, heads, seq, head_dim]`` per
+layer) and a cache built without a model config holding one full (non-sliding)
+`DynamicLayer` per model layer, as the decode loop has always used it. Building a cache
+from given tensors without copying them has no public method: `_cache_of` names the two
+internals it relies on.
 
     prompts = PromptBatch.of([[5, 6, 7], [8]], pad_id=0, device=cpu)
     logits = prompts.feed(model, columns=None)      # [rows, vocab] at the last positions
@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from guard.forcing import position_ids_for
 from guard.hooks import Hook, ModelHooks
@@ -266,14 +267,29 @@ def _layers(kv: KVBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def _stack(top: torch.Tensor, bottom: torch.Tensor, width: int) -> torch.Tensor:
     """``[rows, ..., seq, d]`` tensors one above the other, right-aligned in ``width``
-    sequence positions with zeros to the left: one allocation, two copies."""
-    rows = top.shape[0]
-    out = top.new_zeros((rows + bottom.shape[0], *top.shape[1:-2], width, top.shape[-1]))
-    out[:rows, ..., width - top.shape[-2] :, :] = top
-    out[rows:, ..., width - bottom.shape[-2] :, :] = bottom
+    sequence positions with zeros to the left: each element written once."""
+    rows, shape = top.shape[0], (top.shape[0] + bottom.shape[0], *top.shape[1:-2])
+    out = top.new_empty((*shape, width, top.shape[-1]))
+    for part, start in ((top, 0), (bottom, rows)):
+        stop, pad = start + part.shape[0], width - part.shape[-2]
+        out[start:stop, ..., :pad, :] = 0
+        out[start:stop, ..., pad:, :] = part
     return out
 
 
 def _cache_of(layers: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A cache holding the given per-layer ``(keys, values)``."""
-    return DynamicCache(list(layers))
+    """A cache holding the given per-layer ``(keys, values)`` themselves (no copy).
+
+    Building it through the public constructor (``DynamicCache(ddp_cache_data)``) copies
+    every tensor once more (``DynamicLayer.update`` concatenates onto an empty tensor):
+    a join would then cost two copies of the whole cache, a third of a decode step on
+    SmolLM2. So this relies on two internals of transformers 5: ``Cache.layers`` (the list
+    of per-layer caches) and ``DynamicLayer.keys`` / ``.values`` (the tensors it holds,
+    after ``lazy_initialization`` has set its device and dtype)."""
+    cache = DynamicCache()
+    for keys, values in layers:
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache

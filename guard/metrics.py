@@ -90,7 +90,7 @@ class GuardMetrics:
         )
         self.batch_size = Histogram(
             "hguard_batch_size",
-            "rows per batched generation",
+            "rows decoding together right after requests joined the running batch (per join)",
             buckets=BATCH_BUCKETS,
             registry=registry,
         )
