@@ -53,6 +53,7 @@ class Outcome:
     tokens: int
     ttft_s: float | None
     seconds: float
+    first: bool = False  # a client's first request: all clients send theirs at once
 
 
 def free_port() -> int:
@@ -145,9 +146,12 @@ async def run_phase(
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=timeout) as client:
 
         async def worker() -> None:
+            first = True
             while not pending.empty():
                 prompt = pending.get_nowait()
-                outcomes.append(await one_request(client, model, prompt, max_tokens))
+                outcome = await one_request(client, model, prompt, max_tokens)
+                outcome.first, first = first, False
+                outcomes.append(outcome)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
@@ -157,13 +161,13 @@ async def run_phase(
 def batch_limit(model: str, questions: list[str], max_tokens: int, batch: int) -> dict[str, Any]:
     """Unguarded fixed-batch decoding of the same chat prompts, ``batch`` at a time, in this
     process (after a warm-up batch). ``tps``: one running batch kept across the batches,
-    each batch prefilled in one pass, later prompts starting from the shared prefix's keys
-    and values as in the server; ``plain_tps``: every batch on its own (``generate_batch``,
-    like ``model.generate``)."""
+    prefilled as the server does (an idle batch prefills all of a batch in its first step,
+    grouped by length, the shared prefix's keys and values reused); ``plain_tps``: every
+    batch on its own in one padded pass (``generate_batch``, like ``model.generate``)."""
     guarded = GuardedModel(load_model(model), None)
     prompts = [guarded.encode_chat([{"role": "user", "content": q}]) for q in questions]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    kept = guarded.live_batch(prefill_tokens=None)
+    kept = guarded.live_batch()
 
     def run(group: list[list[int]], keep: bool) -> int:
         sinks = [CollectingSink() for _ in group]
@@ -202,6 +206,7 @@ def summarise(
     single_tps = sum(o.tokens for o in single_out) / single_s
     aggregate_tps = sum(o.tokens for o in many_out) / many_s
     ttfts = [o.ttft_s for o in many_out if o.ttft_s is not None]
+    later = [o.ttft_s for o in many_out if o.ttft_s is not None and not o.first]
     return {
         "single_client_tps": round(single_tps, 3),
         "aggregate_tps": round(aggregate_tps, 3),
@@ -216,6 +221,8 @@ def summarise(
         "ttft_p90_s": percentile(ttfts, 90),
         "ttft_p99_s": percentile(ttfts, 99),
         "ttft_max_s": round(max(ttfts), 4) if ttfts else None,
+        "ttft_after_first_p50_s": percentile(later, 50),  # without the opening burst
+        "ttft_after_first_p99_s": percentile(later, 99),
         "single_client_ttft_p50_s": round(float(np.median(
             [o.ttft_s for o in single_out if o.ttft_s is not None] or [0.0])), 4),
         "clients": args.clients, "requests": args.requests, "max_tokens": args.max_tokens,
