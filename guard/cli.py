@@ -7,7 +7,6 @@ This is the only module of ``guard`` that may import ``probes``, lazily, inside 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -33,11 +32,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
+    from guard.api.bodies import guard_object
     from guard.generation import GuardedModel
 
     guarded = GuardedModel.from_spec(model=args.model, probe=args.probe)
     result = guarded.score(question=args.question, answer=args.answer)
-    print(json.dumps(result.guard_object(), indent=2))
+    print(guard_object(result).model_dump_json(indent=2))
     return 0
 
 
