@@ -2,11 +2,16 @@
 or driver downloads), and the playground interaction the tests and the docs screenshot share.
 
     python -m tests.deploy.browser http://127.0.0.1:8000 docs/playground.png "Who wrote Hamlet?" 32
+    python -m tests.deploy.browser serve docs/playground.png "Who wrote Hamlet?" 32
+
+``serve`` instead of a URL starts ``hguard serve`` (SmolLM2 and the shipped probe) on a
+free loopback port for the screenshot and stops it afterwards (`make playground-png`).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -78,6 +83,8 @@ def page_state(driver: webdriver.Chrome) -> dict[str, Any]:
           decision: document.getElementById('verdict').dataset.decision,
           badge: document.getElementById('decision').textContent,
           risk: document.getElementById('risk').textContent,
+          scope: document.getElementById('scope').textContent,
+          note: document.getElementById('note').textContent,
           layers: [...document.querySelectorAll('#layers .bar')].map(b => b.dataset.layer),
           status: document.getElementById('status').textContent,
         };
@@ -86,7 +93,26 @@ def page_state(driver: webdriver.Chrome) -> dict[str, Any]:
     return state
 
 
+@contextmanager
+def hguard_serve(timeout_s: float = 300) -> Iterator[str]:
+    """``hguard serve`` with its defaults (SmolLM2, shipped probe) on a free port; its URL."""
+    from tests.deploy.live import free_port, wait_until_ok
+
+    port = free_port()
+    command = [sys.executable, "-m", "guard.cli", "serve", "--port", str(port)]
+    server = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        wait_until_ok(f"http://127.0.0.1:{port}/readyz", timeout_s)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def main(argv: list[str]) -> int:
+    if argv[0] == "serve":
+        with hguard_serve() as base:
+            return main([base, *argv[1:]])
     base, out, question = argv[0], Path(argv[1]), argv[2]
     max_tokens = argv[3] if len(argv) > 3 else ""
     with chromium() as driver:

@@ -61,12 +61,28 @@ def test_a_question_streams_shaded_tokens_and_a_verdict(guard: str, tmp_path: Pa
     assert [t["text"] for t in shown["tokens"]] == [t["text"] for t in tokens]
     assert [t["risk"] for t in shown["tokens"]] == pytest.approx([t["risk"] for t in tokens])
     assert shown["layers"] == sorted(final["layers"], key=int)
+    assert final["scope"] is None and shown["scope"] == "judged (this probe has no scope gate)"
     # every token is shaded, and a riskier token is redder (more red, less green)
     colors = {t["risk"]: rgb(t["color"]) for t in shown["tokens"]}
     assert all(c != (0, 0, 0) for c in colors.values())
     low, high = colors[min(colors)], colors[max(colors)]
     if max(colors) - min(colors) > 0.1:
         assert high[0] - high[1] > low[0] - low[1]
+
+
+@pytest.mark.parametrize("scope_bias", [-50.0, 50.0])
+def test_the_scope_verdict_is_shown(tmp_path: Path, scope_bias: float) -> None:
+    """Thresholds at 0 abstain on every judged answer: out of scope the page says the
+    answer was not judged and why its risk does not count; in scope, that it was judged."""
+    app = tiny_app(tmp_path / "probe", flag=0.0, abstain=0.0, scope_bias=scope_bias)
+    with serve(app) as base, chromium() as driver:
+        ask(driver, base, QUESTION)
+        shown = page_state(driver)
+    if scope_bias < 0:
+        assert shown["decision"] == "pass" and shown["scope"].startswith("not judged (p = ")
+        assert "does not count" in shown["scope"] and "outside the probe's scope" in shown["note"]
+    else:
+        assert shown["decision"] == "abstain" and shown["scope"].startswith("judged: ")
 
 
 def test_an_api_error_is_shown_not_swallowed(guard: str) -> None:

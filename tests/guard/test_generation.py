@@ -60,9 +60,8 @@ def test_generation_scores_every_token_and_decides(guarded: GuardedModel) -> Non
     assert result.risk == pytest.approx(events[-1].running_risk)
     assert result.decision is guarded.policy.decide(result.risk)
     assert sum(abs(v) for v in result.layers.values()) == pytest.approx(1.0)
-    obj = result.guard_object()
-    assert obj["guarded"] is True and obj["probe"]["name"] == "tiny-probe"
-    assert obj["decision"] == result.decision.value and len(obj["tokens"]) == 12
+    assert result.info.guarded and result.info.probe_name == "tiny-probe"
+    assert [t.token_id for t in result.tokens] == [e.token.token_id for e in events]
 
 
 def test_teacher_forced_score_equals_generated_risk(guarded: GuardedModel) -> None:
@@ -182,7 +181,7 @@ def test_unguarded_generation_has_no_risk(tiny: LoadedModel) -> None:
     guarded = GuardedModel(tiny, None)
     result = guarded.generate(_prompt(guarded, "Hi"), GREEDY)
     assert result.risk is None and result.decision is Decision.PASS
-    assert result.guard_object()["guarded"] is False
+    assert not result.info.guarded
     assert guarded.score_ids(_prompt(guarded, "Hi"), result.token_ids).risk is None
 
 
