@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from tests.deploy.browser import ask, chromium, page_state
-from tests.deploy.live import SERVED_NAME, serve, tiny_app
+from tests.deploy.live import SERVED_NAME, tiny_app
+from tests.fixtures.servers import serve_in_thread
 
 pytestmark = pytest.mark.timeout(300)
 QUESTION = "Who wrote the novel Middlemarch?"
@@ -21,7 +22,7 @@ QUESTION = "Who wrote the novel Middlemarch?"
 
 @pytest.fixture(scope="module")
 def guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with serve(tiny_app(tmp_path_factory.mktemp("ui") / "probe")) as base:
+    with serve_in_thread(tiny_app(tmp_path_factory.mktemp("ui") / "probe")) as base:
         yield base
 
 
@@ -95,7 +96,7 @@ def test_an_api_error_is_shown_not_swallowed(guard: str) -> None:
 
 
 def test_an_unguarded_server_is_shown_as_such() -> None:
-    with serve(tiny_app(None)) as base, chromium() as driver:
+    with serve_in_thread(tiny_app(None)) as base, chromium() as driver:
         ask(driver, base, QUESTION)
         shown = page_state(driver)
     assert shown["badge"] == "unguarded" and shown["tokens"]
@@ -115,7 +116,7 @@ def test_an_unguarded_server_is_shown_as_such() -> None:
 def test_abstentions_are_shown_as_the_guard_decided(
     tmp_path: Path, thresholds: dict[str, Any], badge: str, note: str, withdrawn: bool
 ) -> None:
-    with serve(tiny_app(tmp_path / "probe", **thresholds)) as base, chromium() as driver:
+    with serve_in_thread(tiny_app(tmp_path / "probe", **thresholds)) as base, chromium() as driver:
         ask(driver, base, QUESTION)
         shown = page_state(driver)
         classes = driver.find_element("id", "answer").get_attribute("class") or ""

@@ -15,7 +15,8 @@ from guard.model import LoadedModel
 from guard.policy import Decision
 from guard.probe import load_probe
 from guard.results import GenerationResult
-from tests.guard.tiny_guard import tiny_loaded, tiny_tokenizer, write_probe
+from tests.fixtures.models import byte_tokenizer, tiny_loaded
+from tests.fixtures.probes import write_probe
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 QUESTIONS = ["What is the capital of France?", "Hi", "Name a large river in South America, please."]
@@ -123,7 +124,7 @@ def test_stop_string_cuts_the_text(guarded: GuardedModel) -> None:
 
 
 def test_text_tracker_holds_back_possible_stop_prefixes() -> None:
-    tokenizer = tiny_tokenizer()
+    tokenizer = byte_tokenizer()
     tracker = TextTracker(tokenizer, ["XYZ"])
     deltas = [tracker.push(i) for i in tokenizer("abXY", add_special_tokens=False)["input_ids"]]
     assert "".join(deltas) == "ab" and tracker.flush() == "XY"

@@ -18,8 +18,8 @@ from guard.model import LoadedModel
 from guard.policy import Decision
 from guard.probe import SCOPE_FILE, load_probe
 from guard.scope import FinalHiddenCapture, ScopeGate
-from tests.guard.tiny_guard import tiny_loaded, write_probe
-from tests.guard.tiny_models import ARCHITECTURES, tiny_model
+from tests.fixtures.models import ARCHITECTURES, tiny_loaded, tiny_model
+from tests.fixtures.probes import write_probe
 
 QUESTION = [{"role": "user", "content": "Which river flows through Cairo?"}]
 

@@ -40,7 +40,8 @@ from schemathesis.specs.openapi.checks import (
 from guard.api.app import create_app
 from guard.generation import GuardedModel
 from guard.settings import GuardSettings
-from tests.hardening.helpers import is_openai_error, serve_in_thread
+from tests.fixtures.servers import serve_in_thread
+from tests.hardening.helpers import is_openai_error
 
 EXAMPLES_PER_OPERATION = 40
 

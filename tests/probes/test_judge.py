@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from probes.judge import Judgement, answer_token_span, judge, normalize_answer, token_char_spans
-from tests.probes.tiny import tiny_tokenizer
+from tests.fixtures.models import bpe_tokenizer
 
 
 @pytest.mark.parametrize(
@@ -84,7 +84,7 @@ def test_empty_response_and_empty_aliases_are_incorrect() -> None:
 
 
 def test_token_char_spans_tile_the_decoded_text() -> None:
-    tokenizer = tiny_tokenizer()
+    tokenizer = bpe_tokenizer()
     text = "Café in Zürich, 1,000 km: ☃ naïve"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     spans = token_char_spans(tokenizer, ids)
@@ -98,7 +98,7 @@ def test_token_char_spans_tile_the_decoded_text() -> None:
 
 
 def test_answer_token_span_covers_the_matched_text() -> None:
-    tokenizer = tiny_tokenizer()
+    tokenizer = bpe_tokenizer()
     response = "I think Zürich, Switzerland."
     ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     verdict = judge(response, ["Zurich"])
@@ -113,7 +113,7 @@ def test_answer_token_span_covers_the_matched_text() -> None:
 
 
 def test_answer_token_span_none_without_match() -> None:
-    tokenizer = tiny_tokenizer()
+    tokenizer = bpe_tokenizer()
     ids = tokenizer("Paris", add_special_tokens=False)["input_ids"]
     assert answer_token_span(tokenizer, ids, None) is None
     assert answer_token_span(tokenizer, [], (0, 3)) is None
