@@ -13,7 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from guard.api.responses import ChatCompletionChunk, GuardObject
-from tests.api.conftest import MODEL, AppFactory
+from tests.fixtures.models import TINY_MODEL_ID as MODEL
+from tests.fixtures.servers import AppFactory
 
 MESSAGE = "Withheld."
 QUESTION = "What is the capital of France?"

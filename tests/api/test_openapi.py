@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from tests.api.conftest import AppFactory
+from tests.fixtures.servers import AppFactory
 
 
 def _schema(make_app: AppFactory, **settings: Any) -> dict[str, Any]:

@@ -11,7 +11,6 @@ free loopback port for the screenshot and stops it afterwards (`make playground-
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.deploy.helpers import tool
+from tests.fixtures.servers import hguard_serve, running
 
 CHROMIUM_FLAGS = (
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -93,26 +93,13 @@ def page_state(driver: webdriver.Chrome) -> dict[str, Any]:
     return state
 
 
-@contextmanager
-def hguard_serve(timeout_s: float = 300) -> Iterator[str]:
-    """``hguard serve`` with its defaults (SmolLM2, shipped probe) on a free port; its URL."""
-    from tests.deploy.live import free_port, wait_until_ok
-
-    port = free_port()
-    command = [sys.executable, "-m", "guard.cli", "serve", "--port", str(port)]
-    server = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    try:
-        wait_until_ok(f"http://127.0.0.1:{port}/readyz", timeout_s)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-
-
 def main(argv: list[str]) -> int:
-    if argv[0] == "serve":
-        with hguard_serve() as base:
-            return main([base, *argv[1:]])
+    if argv[0] == "serve":  # the shipped probe on the embedded model, as `make serve` runs
+        with tempfile.TemporaryDirectory() as tmp:
+            server = hguard_serve("smollm2", "default", Path(tmp) / "serve.log")
+            with running(server):
+                server.wait_ready()
+                return main([server.base_url, *argv[1:]])
     base, out, question = argv[0], Path(argv[1]), argv[2]
     max_tokens = argv[3] if len(argv) > 3 else ""
     with chromium() as driver:

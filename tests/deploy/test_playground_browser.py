@@ -76,7 +76,7 @@ def test_the_scope_verdict_is_shown(tmp_path: Path, scope_bias: float) -> None:
     """Thresholds at 0 abstain on every judged answer: out of scope the page says the
     answer was not judged and why its risk does not count; in scope, that it was judged."""
     app = tiny_app(tmp_path / "probe", flag=0.0, abstain=0.0, scope_bias=scope_bias)
-    with serve(app) as base, chromium() as driver:
+    with serve_in_thread(app) as base, chromium() as driver:
         ask(driver, base, QUESTION)
         shown = page_state(driver)
     if scope_bias < 0:
