@@ -194,7 +194,7 @@ def score_records(
         )
         for trace in traces:
             stats.append(_trace_stats(scorer, trace, selection is None))
-    labels = np.array([0 if r.correct else 1 for r in kept], dtype=np.int64)
+    labels = np.array([1 if r.hallucinated else 0 for r in kept], dtype=np.int64)
     return _score_stats(scorer, labels, stats), len(records) - len(kept)
 
 
