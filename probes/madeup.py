@@ -6,9 +6,11 @@ answer: `probes.judge.is_refusal`). Every name carries at least one *coined* wor
 from syllables, seeded) that occurs in none of the words of the forbidden texts (the
 shared TriviaQA / NQ-open questions and aliases), so no name can collide with an entity
 those sets ask about. Kinds: people, places, works, organisations, events, substances,
-species and products, each with its own name patterns, short factual questions ("What is
-the capital of the Republic of Tarvenia?") and long-form requests ("Write a short
-biography of ...", "Tell me about ...", "What is the history of ...").
+species, products, diseases and inventions, each with its own name patterns, short
+factual questions ("What is the capital of the Republic of Tarvenia?") and long-form
+requests ("Write a short biography of ...", "Tell me about ...", "What is the history of
+..."). Compound names ("Kelbury") look real on purpose and may name a real village
+somewhere; none occurs in the shared questions, and the model does not know them.
 
     vocabulary = Vocabulary.from_qa_files([TRIVIAQA, NQ_OPEN])
     entities = made_up_entities(300, seed=0, vocabulary=vocabulary)
@@ -28,10 +30,12 @@ from typing import Literal
 from probes.judge import normalize_answer
 
 Kind = Literal[
-    "person", "place", "work", "organisation", "event", "substance", "species", "product"
-]
+    "person", "place", "work", "organisation", "event", "substance", "species", "product",
+    "disease", "invention",
+]  # fmt: skip
 KINDS: tuple[Kind, ...] = (
-    "person", "place", "work", "organisation", "event", "substance", "species", "product"
+    "person", "place", "work", "organisation", "event", "substance", "species", "product",
+    "disease", "invention",
 )  # fmt: skip
 Form = Literal["short", "long"]
 
@@ -53,6 +57,17 @@ _SUFFIXES: dict[str, tuple[str, ...]] = {
     "brand": ("ix", "tron", "ora", "ex", "ify", "o", "io", "a", "us"),
     "plain": ("", "", "a", "o", "is", "en"),
 }  # fmt: skip
+# Realistic compounds of English name parts ("Kelbury", "Wexdale"): made-up names need not
+# look strange, and a probe must not learn that they do.
+_NAME_HEADS = (
+    "Ash", "Thorn", "Whit", "Hal", "Brad", "Wex", "Pen", "Cal", "Mar", "Dun", "Fair", "Hart",
+    "Kel", "Lind", "Mor", "Ral", "Stan", "Wes", "Alder", "Bram", "Cor", "Elm", "Gar", "Holl",
+    "Nor", "Quen", "Sel", "Tarv", "Vel", "Wyn",
+)  # fmt: skip
+_NAME_TAILS = (
+    "combe", "bury", "wick", "ford", "ley", "ton", "more", "dale", "field", "worth", "by",
+    "stead", "ham", "ridge", "well", "brook", "wood", "gate", "shaw", "holt", "ania", "ovia",
+)  # fmt: skip
 _FIRST_NAMES = (
     "Marcus", "Elena", "Tobias", "Ingrid", "Rafael", "Amara", "Henrik", "Lucia", "Dmitri",
     "Yuki", "Oliver", "Fatima", "Gregor", "Celeste", "Arjun", "Margot", "Silas", "Nadia",
@@ -159,14 +174,18 @@ class _Coiner:
         self._used: set[str] = set()
 
     def __call__(self, style: str) -> str:
+        """A new word: ``style`` a suffix family of `_SUFFIXES`, or "compound"."""
         rng = self._rng
         for _ in range(1000):
-            syllables = rng.choice((1, 2, 2, 2, 3))
-            stem = "".join(
-                rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS)
-                for _ in range(syllables)
-            )
-            word = (stem + rng.choice(_SUFFIXES[style])).capitalize()
+            if style == "compound":
+                word = rng.choice(_NAME_HEADS) + rng.choice(_NAME_TAILS)
+            else:
+                syllables = rng.choice((1, 2, 2, 2, 3))
+                stem = "".join(
+                    rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS)
+                    for _ in range(syllables)
+                )
+                word = (stem + rng.choice(_SUFFIXES[style])).capitalize()
             key = word.lower()
             if 4 <= len(word) <= 10 and key not in self._used and self._vocabulary.allows(word):
                 self._used.add(key)
@@ -178,14 +197,14 @@ _Namer = Callable[[random.Random, _Coiner], tuple[str, str, tuple[str, ...], str
 
 
 def _person(rng: random.Random, coin: _Coiner) -> tuple[str, str, tuple[str, ...], str | None]:
-    surname = coin("surname")
+    surname = coin(rng.choice(("surname", "compound")))
     first = rng.choice(_FIRST_NAMES)
     middle = f" {rng.choice('ABCDEFGHJKLMNPRSTW')}." if rng.random() < 0.15 else ""
     return f"{first}{middle} {surname}", rng.choice(_ROLES), (surname,), None
 
 
 def _place(rng: random.Random, coin: _Coiner) -> tuple[str, str, tuple[str, ...], str | None]:
-    word = coin("place")
+    word = coin(rng.choice(("place", "place", "compound")))
     pattern, descriptor = rng.choice(
         (
             ("the Republic of {}", "country"), ("{}", "town"), ("{}", "city"),
@@ -216,7 +235,7 @@ def _work(rng: random.Random, coin: _Coiner) -> tuple[str, str, tuple[str, ...],
 def _organisation(
     rng: random.Random, coin: _Coiner
 ) -> tuple[str, str, tuple[str, ...], str | None]:
-    word = coin(rng.choice(("brand", "place", "plain")))
+    word = coin(rng.choice(("brand", "place", "plain", "compound")))
     pattern, descriptor = rng.choice(
         (
             ("the {} Institute", "research institute"), ("{} Dynamics", "company"),
@@ -277,9 +296,33 @@ def _product(rng: random.Random, coin: _Coiner) -> tuple[str, str, tuple[str, ..
     return name, descriptor, (brand,), f"{coin('brand')} Corporation"
 
 
+def _disease(rng: random.Random, coin: _Coiner) -> tuple[str, str, tuple[str, ...], str | None]:
+    word = coin(rng.choice(("compound", "surname", "place")))
+    pattern = rng.choice(
+        ("{}'s disease", "{} syndrome", "{} fever", "{} palsy", "the {} virus", "{}itis")
+    )
+    name = pattern.format(word.lower() if pattern == "{}itis" else word)
+    coined = (name.split()[0] if pattern == "{}itis" else word,)
+    return name, "disease", coined, None
+
+
+def _invention(rng: random.Random, coin: _Coiner) -> tuple[str, str, tuple[str, ...], str | None]:
+    word = coin(rng.choice(("compound", "surname", "brand")))
+    thing, descriptor = rng.choice(
+        (
+            ("engine", "engine"), ("loom", "loom"), ("telescope", "telescope"),
+            ("process", "industrial process"), ("valve", "valve"), ("cipher", "cipher"),
+            ("lamp", "lamp"), ("calculating machine", "calculating machine"),
+        )
+    )  # fmt: skip
+    creator, _, coined, _ = _person(rng, coin)
+    return f"the {word} {thing}", descriptor, (word, *coined), creator
+
+
 _NAMERS: dict[Kind, _Namer] = {
     "person": _person, "place": _place, "work": _work, "organisation": _organisation,
     "event": _event, "substance": _substance, "species": _species, "product": _product,
+    "disease": _disease, "invention": _invention,
 }  # fmt: skip
 
 

@@ -76,6 +76,17 @@ _SHORT: dict[str, list[Template]] = {
         ("diet", "What does {name} eat?", None),
         ("described_by", "Who first described {described}?", None),
     ],
+    "disease": [
+        ("cause", "What causes {name}?", None),
+        ("discoverer", "Who first described {name}?", None),
+        ("symptom", "What is the main symptom of {name}?", None),
+        ("treatment", "Which drug is used to treat {name}?", None),
+    ],
+    "invention": [
+        ("inventor", "Who invented {name}?", None),
+        ("year", "In which year was {name} invented?", None),
+        ("where", "In which country was {name} first built?", None),
+    ],
     "product": [
         ("maker", "Which company makes {name}?", None),
         ("release", "In which year was {name} released?", None),
@@ -130,6 +141,12 @@ _LONG: dict[str, list[Template]] = {
     "product": [
         ("features", "Describe the main features of {name}.", None),
     ],
+    "disease": [
+        ("symptoms", "Describe the symptoms and treatment of {name}.", None),
+    ],
+    "invention": [
+        ("how_works", "Explain how {name} works and who invented it.", None),
+    ],
 }
 
 
@@ -169,3 +186,12 @@ def fill(template: str, entity: MadeUpEntity) -> str:
         creator=entity.creator or "",
     )
     return text.replace("..", ".")  # "Tell me about Vell United F.C.."
+
+
+def generic_long_requests(name: str) -> list[str]:
+    """The long-form requests that fit any entity, about a given (real) ``name``."""
+    return [
+        template.replace("{described}", name).format(name=name)
+        for key, template, only in _LONG_COMMON
+        if only is None and key != "explain_what"
+    ]
