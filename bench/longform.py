@@ -31,6 +31,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = ROOT / "bench" / "data" / "madeup_heldout.jsonl"
+SCOPE_PROMPTS = ROOT / "bench" / "data" / "scope_prompts.jsonl"
 log = logging.getLogger("longform")
 
 
@@ -39,15 +40,24 @@ def collect(work: Path, names: list[str] | None, heldout: bool, batch_size: int)
     from guard.generation import GuardedModel
     from probes.collect import collect_answers
     from probes.longform import save_traces, trace_answers
-    from probes.longform_data import NQ_OPEN, TRIVIAQA, heldout_sets, standard_sets
+    from probes.longform_data import (
+        NQ_OPEN,
+        TRIVIAQA,
+        heldout_sets,
+        scope_sets,
+        standard_sets,
+    )
     from probes.madeup import Vocabulary
 
     guarded = GuardedModel.from_spec(None, "default")
     if guarded.scorer is None:
         raise RuntimeError("the shipped probe did not load")
     sets = standard_sets(Vocabulary.from_qa_files([TRIVIAQA, NQ_OPEN]))
+    nq = sets.pop("nq_short")  # the largest set goes last
+    sets.update(scope_sets(SCOPE_PROMPTS))
     if heldout:
         sets.update(heldout_sets(HELDOUT))
+    sets["nq_short"] = nq
     for name, (items, recipe) in sets.items():
         if names and name not in names:
             continue
@@ -60,15 +70,8 @@ def collect(work: Path, names: list[str] | None, heldout: bool, batch_size: int)
             traces = trace_answers(guarded.loaded, guarded.scorer, kept, batch_size=16)
             save_traces(traces_path, [r.id for r in kept], traces)
         log.info("%s: %d answers in %.0f s", name, len(records), time.perf_counter() - started)
-    collect_prompt_states(guarded, work)
-
-
-def real_entity(answers: list[str]) -> str | None:
-    """A gold answer that names an entity ("Charles Dickens"), not a number or a word."""
-    name = answers[0].strip()
-    if not name[:1].isupper() or any(ch.isdigit() for ch in name) or len(name) < 4:
-        return None
-    return name
+        if name == "tqa_long_train":  # all the knowledge probe's extra rows need
+            collect_prompt_states(guarded, work)
 
 
 def collect_prompt_states(guarded: Any, work: Path) -> None:
@@ -79,6 +82,7 @@ def collect_prompt_states(guarded: Any, work: Path) -> None:
     import numpy as np
 
     from probes.collect import read_answers
+    from probes.longform_data import real_entity
     from probes.madeup_templates import generic_long_requests
     from probes.scope import hidden_states, question_variants
 

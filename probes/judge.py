@@ -55,7 +55,8 @@ _REFUSAL_PATTERNS = (
     r"\bi (do not|don't|dont) have (any |enough |specific |reliable )?"
     r"(information|details|data|knowledge|records?)\b",
     r"\bi have no (information|knowledge|idea|record|records|data|details)\b",
-    r"\bi('m| am) (not sure|not certain|not aware|unaware|not familiar|unable to|afraid)\b",
+    r"\bi('m| am) (not sure|not certain|not aware|unaware|not familiar|unable to|afraid)\b"
+    r"(?! (i'd|i would) (say|call)\b)",
     r"\bi (could not|couldn't|can't|cannot|can not|was unable to|am unable to) "
     r"(find|locate|provide|answer|identify|verify|confirm|tell|say)\b",
     r"\bnot familiar with\b",
@@ -69,7 +70,7 @@ _REFUSAL_PATTERNS = (
     r"\b(is|are|was) not (a real|an actual|a known|a recognised|a recognized|real)\b",
     r"\b(is|are|remains?) unknown\b",
 )
-_REFUSAL = re.compile("|".join(f"(?:{p})" for p in _REFUSAL_PATTERNS))
+_REFUSAL = re.compile("|".join(f"(?:{p})" for p in _REFUSAL_PATTERNS), re.IGNORECASE)
 # A refusal that answers anyway in the same sentence ("I'm not sure, but it is Lyon").
 _ANSWERS_ANYWAY = re.compile(
     r"\b(but|however|although)\b,?(?! (i (can|could|would|will|'d|'ll|am happy|'m happy)|you|"
@@ -80,10 +81,18 @@ _FIRST_SENTENCE = re.compile(r"(?<=[.!?])\s|\n")
 
 def is_refusal(response: str) -> bool:
     """Does the answer decline to answer (see module docstring)? Reads its first sentence."""
-    text = response.strip().lower().replace("\u2019", "'")
+    text = response.strip().replace("\u2019", "'")
     first = _FIRST_SENTENCE.split(text, maxsplit=1)[0]
-    found = _REFUSAL.search(first)
-    return found is not None and _ANSWERS_ANYWAY.search(first, found.end()) is None
+    for found in _REFUSAL.finditer(first):
+        if _title_cased(found.group()):  # "I Don't Know How to Love Him" is a song
+            continue
+        return _ANSWERS_ANYWAY.search(first.lower(), found.end()) is None
+    return False
+
+
+def _title_cased(text: str) -> bool:
+    words = [w for w in text.split() if w[:1].isalpha()]
+    return len(words) >= 3 and all(w[0].isupper() for w in words)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,14 @@ MADEUP = {"train": (0, 300), "val": (1, 150)}  # (seed, entities)
 AnswerSet = tuple[list[QAItem], PromptRecipe]
 
 
+def real_entity(answers: list[str]) -> str | None:
+    """A gold answer that names an entity ("Charles Dickens"), not a number or a word."""
+    name = answers[0].strip()
+    if not name[:1].isupper() or any(ch.isdigit() for ch in name) or len(name) < 4:
+        return None
+    return name
+
+
 def madeup_items(prompts: list[MadeUpPrompt]) -> list[QAItem]:
     return [QAItem(id=p.id, question=p.prompt, answers=[p.entity.name]) for p in prompts]
 
@@ -81,6 +89,21 @@ def standard_sets(vocabulary: Vocabulary) -> dict[str, AnswerSet]:
     sets = {**tqa, **made}
     out = {name: sets[name] for name in order}
     out["nq_short"] = (load_questions(NQ_OPEN), SHORT_RECIPE)
+    return out
+
+
+def scope_sets(path: Path) -> dict[str, AnswerSet]:
+    """`bench/scope.py`'s held-out prompts (not factual questions) as that bench sends them:
+    64 new tokens, 200 for the long-answer ones. No labels: flag rates only."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    out: dict[str, AnswerSet] = {}
+    for name, long, tokens in (("scope_short", False, 64), ("scope_long", True, 200)):
+        items = [
+            QAItem(id=str(r["id"]), question=str(r["prompt"]), answers=["-"])
+            for r in rows
+            if bool(r["long"]) == long
+        ]
+        out[name] = (items, PromptRecipe(instruction="", max_new_tokens=tokens))
     return out
 
 

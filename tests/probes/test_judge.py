@@ -173,6 +173,8 @@ def test_refusals_are_recognised_and_never_hallucinated(response: str) -> None:
         "I'm not sure, but I think it is Lyon.",
         "Marcus Quenlow (1902-1977) was a physicist. He did not know his father.",
         "The Velmora Accord was signed in 1848. Its author is unknown.",  # refusal too late
+        "I Don't Know How To Love Him is a 1990s American sitcom.",  # a title
+        "I'm not sure I'd say that, Bob Dylan. He's a great artist.",
         "",
     ],
 )
