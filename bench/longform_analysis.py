@@ -19,7 +19,7 @@ from guard.probe import STAT_NAMES, load_probe
 from guard.scope import ScopeGate
 from guard.scoring import RiskScorer
 from probes.calibration import apply_stacker, fit_calibrator, fit_stacker
-from probes.collect import AnswerRecord, read_answers
+from probes.collect import AnswerRecord, read_answers, rejudge
 from probes.judge import judge
 from probes.knowledge import KnowledgeFit, fit_knowledge_probe
 from probes.longform import (
@@ -36,6 +36,7 @@ FIT = ["tqa_short_train", "tqa_long_train", "madeup_train_short", "madeup_train_
 VAL = ["tqa_short_val", "tqa_long_val", "madeup_val_short", "madeup_val_long"]
 TEST = ["tqa_short_test", "tqa_long_test", "nq_short"]
 HELDOUT = ["heldout_short", "heldout_long", "heldout_real_long"]
+SCOPE = ["scope_short", "scope_long"]
 FALSE_ALARM_VAL = 0.08
 POOLS = ("max", "topk", "window")
 
@@ -79,13 +80,26 @@ def _features(scorer: RiskScorer, tokenizer: Any, record: AnswerRecord, trace: A
 
 
 def load_set(work: Path, name: str, scorer: RiskScorer, tokenizer: Any) -> AnswerSet | None:
+    """A set's answers with their features (cached in ``<set>.features.npz``, rebuilt when
+    the answers or traces are newer)."""
     answers, traces_path = work / f"{name}.answers.jsonl", work / f"{name}.traces.npz"
     if not answers.exists() or not traces_path.exists():
         return None
     traces = load_traces(traces_path)
-    records = [r for r in read_answers(answers).values() if r.id in traces]
-    rows = [_features(scorer, tokenizer, r, traces[r.id]) for r in records]
-    f = {key: np.array([row[key] for row in rows], dtype=np.float64) for key in rows[0]}
+    records = [  # labels always follow the current judge
+        rejudge(tokenizer, r) for r in read_answers(answers).values() if r.id in traces
+    ]
+    cache = work / f"{name}.features.npz"
+    newest = max(answers.stat().st_mtime, traces_path.stat().st_mtime)
+    f: dict[str, np.ndarray] = {}
+    if cache.exists() and cache.stat().st_mtime > newest:
+        with np.load(cache, allow_pickle=False) as data:
+            if list(data["ids"]) == [r.id for r in records]:
+                f = {key: data[key] for key in data.files if key != "ids"}
+    if not f:
+        rows = [_features(scorer, tokenizer, r, traces[r.id]) for r in records]
+        f = {key: np.array([row[key] for row in rows], dtype=np.float64) for key in rows[0]}
+        np.savez(cache, ids=np.array([r.id for r in records], dtype=np.str_), **f)
     return AnswerSet(
         name=name,
         records=records,
@@ -99,6 +113,21 @@ def load_set(work: Path, name: str, scorer: RiskScorer, tokenizer: Any) -> Answe
         hidden=np.stack([traces[r.id].prompt_hidden for r in records]),
         f=f,
     )
+
+
+def load_tokenizer(spec: str) -> Any:
+    """The model's tokenizer alone (the analysis runs no forward pass)."""
+    from transformers import AutoTokenizer
+
+    from guard.model import prepare_tokenizer, resolve_spec
+
+    location, gguf_file, _ = resolve_spec(spec)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    prepare_tokenizer(tokenizer)
+    return tokenizer
 
 
 def _stats(s: AnswerSet) -> np.ndarray:
@@ -259,12 +288,12 @@ def analyse(work: Path, heldout: bool = False) -> dict[str, Any]:
     """Every figure of the long-form benchmark (see the module docstring)."""
     probe = load_probe("default")
     scorer = RiskScorer(probe)
-    from guard.model import load_model
-
-    loaded = load_model(str(probe.manifest.training.get("model_spec", "smollm2")))
-    gate = ScopeGate.from_probe(probe, loaded.model)
-    names = FIT + VAL + TEST + (HELDOUT if heldout else [])
-    sets = {n: s for n in names if (s := load_set(work, n, scorer, loaded.tokenizer)) is not None}
+    tokenizer = load_tokenizer(str(probe.manifest.training.get("model_spec", "smollm2")))
+    gate = None
+    if probe.scope is not None and probe.manifest.scope is not None:
+        gate = ScopeGate(probe.scope.weights, probe.scope.bias, probe.manifest.scope.threshold)
+    names = FIT + VAL + TEST + SCOPE + (HELDOUT if heldout else [])
+    sets = {n: s for n in names if (s := load_set(work, n, scorer, tokenizer)) is not None}
     fit, val = [sets[n] for n in FIT], [sets[n] for n in VAL]
     parts = fit_designs(work, fit, val)
     for s in sets.values():
@@ -328,8 +357,47 @@ def build_report(
         name: summary_rates(s, "risk_mean", probe_flag(), _scopes(s, gate, work))
         for name, s in sets.items()
     }
-    return dict(nan_to_none(report))
+    report = dict(nan_to_none(report))
+    gate = "retrained_gate" if (work / "scope_retrained.npz").exists() else "shipped_gate"
+    report["table_gate"] = gate
+    report["table"] = markdown_table(report, gate)
+    return report
 
 
 def probe_flag() -> float:
     return float(load_probe("default").manifest.thresholds.flag)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def markdown_table(report: dict[str, Any], gate: str) -> str:
+    """Designs x headline figures (made-up recall under ``gate``; AUROCs with 95% CI)."""
+    made = [n for n in ("heldout_short", "heldout_long") if n in report["sets"]] or [
+        "madeup_val_short", "madeup_val_long"
+    ]  # fmt: skip
+    head = [f"{n} flagged" for n in made] + [
+        "TQA correct flagged (short / long)", "TQA short AUROC", "NQ AUROC", "long-form AUROC",
+        "long - best baseline",
+    ]  # fmt: skip
+    lines = ["| design | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    long_form = report.get("long_form_test", {})
+    for design, entry in report["designs"].items():
+        cells = [_pct(entry[n][gate]["flagged"]) for n in made]
+        short, long = entry.get("tqa_short_test"), entry.get("tqa_long_test")
+        cells.append(
+            f"{_pct(short['no_gate']['correct_flagged']) if short else 'n/a'} / "
+            f"{_pct(long['no_gate']['correct_flagged']) if long else 'n/a'}"
+        )
+        for name in ("tqa_short_test", "nq_short"):
+            a = entry.get(name, {}).get("auroc")
+            cells.append("n/a" if not a else f"{a['auroc']:.3f}")
+        lf = long_form.get("designs", {}).get(design)
+        cells.append("n/a" if not lf else f"{lf['auroc']:.3f} [{lf['auroc_ci95'][0]:.3f}, "
+                     f"{lf['auroc_ci95'][1]:.3f}]")  # fmt: skip
+        diff = long_form.get("minus_best_baseline", {}).get(design)
+        cells.append("n/a" if not diff else f"{diff['difference']:+.3f} [{diff['ci95'][0]:+.3f}, "
+                     f"{diff['ci95'][1]:+.3f}]")  # fmt: skip
+        lines.append(f"| {design} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -5,11 +5,12 @@
 Issue 11: "Tell me about <entity>", "Write a short biography of ...", "What is the history of
 <entity>?" ask for facts and must be judged, while chit-chat, creative writing, code and
 instructions stay out. The shipped gate (`probes.scope`) saw only short questions as in
-scope. This refit keeps its recipe (1,500 train questions in three phrasings against the
-420 open prompts, C by grouped CV, threshold keeping 99% of 600 validation questions) and
-adds as in-scope: 300 TriviaQA train questions in the long-form recipe, the generator's 300
-seed-0 long-form requests about made-up entities, and 300 long-form requests about real
-entities (TriviaQA train gold answers that are names). Writes
+scope. This refit keeps its recipe (train questions in three phrasings against the 420 open
+prompts, C by grouped CV, threshold keeping 99% of 600 validation questions; 800 train
+questions instead of 1,500, for CPU time) and adds as in-scope: 200 TriviaQA train
+questions in the long-form recipe, the generator's 200 seed-0 long-form requests about
+made-up entities, and 200 long-form requests about real entities (TriviaQA train gold
+answers that are names). Writes
 ``<work>/scope_retrained.npz`` (weights, bias, threshold) and ``scope_retrained.json``
 (the recipe with its out-of-fold evaluation, and the in-scope share of TriviaQA test and
 NQ-open questions as users type them, under both gates). The held-out checks (bench/scope.py's
@@ -29,7 +30,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRA_PER_SOURCE = 300
+EXTRA_PER_SOURCE = 200
+QUESTIONS = 800  # train questions (the shipped gate: 1,500), for the shared CPU budget
+FACTUAL = 600  # questions per factual set for the in-scope share
 
 
 def long_form_positives(vocabulary: Any) -> list[list[dict[str, str]]]:
@@ -61,7 +64,7 @@ def factual_in_scope(loaded: Any, gates: dict[str, tuple[np.ndarray, float, floa
         items = load_questions(path)
         if name == "triviaqa_test":
             items = [i for i in items if split_of(i.id) == "test"]
-        items = items[:2000]
+        items = items[:FACTUAL]
         hidden = hidden_states(
             loaded, [[{"role": "user", "content": i.question}] for i in items], 32
         )
@@ -92,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     val = [i.question for i in items if split_of(i.id) == "val"]
     extra = long_form_positives(Vocabulary.from_qa_files([TRIVIAQA, NQ_OPEN]))
     recipe, weights = fit_scope_gate(
-        loaded, train, val, ScopeConfig(), PromptRecipe(), extra_in_scope=extra
+        loaded,
+        train,
+        val,
+        ScopeConfig(max_questions=QUESTIONS),
+        PromptRecipe(),
+        extra_in_scope=extra,
     )
     np.savez(
         args.work / "scope_retrained.npz",

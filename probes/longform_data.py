@@ -33,8 +33,16 @@ SHORT_RECIPE = PromptRecipe()  # the shipped probe's: "Answer in a few words.", 
 PLAIN_SHORT = PromptRecipe(instruction="", max_new_tokens=48)
 PLAIN_LONG = PromptRecipe(instruction="", max_new_tokens=LONG_NEW_TOKENS)
 
-SIZES = {"train": 600, "train_long": 400, "val": 1035, "val_long": 400, "test": 1050}
-MADEUP = {"train": (0, 300), "val": (1, 150)}  # (seed, entities)
+SIZES = {
+    "train": 600,
+    "train_long": 250,
+    "val": 1035,
+    "val_long": 250,
+    "test": 1050,
+    "test_long": 600,
+}
+MADEUP = {"train": (0, 200), "val": (1, 100)}  # (seed, entities)
+NQ_QUESTIONS = 1200
 
 AnswerSet = tuple[list[QAItem], PromptRecipe]
 
@@ -60,7 +68,7 @@ def triviaqa_sets() -> dict[str, AnswerSet]:
         "tqa_short_test": (by["test"][: SIZES["test"]], SHORT_RECIPE),
         "tqa_long_train": (by["train"][: SIZES["train_long"]], LONG_RECIPE),
         "tqa_long_val": (by["val"][: SIZES["val_long"]], LONG_RECIPE),
-        "tqa_long_test": (by["test"][: SIZES["test"]], LONG_RECIPE),
+        "tqa_long_test": (by["test"][: SIZES["test_long"]], LONG_RECIPE),
     }
 
 
@@ -88,7 +96,7 @@ def standard_sets(vocabulary: Vocabulary) -> dict[str, AnswerSet]:
     ]  # fmt: skip
     sets = {**tqa, **made}
     out = {name: sets[name] for name in order}
-    out["nq_short"] = (load_questions(NQ_OPEN), SHORT_RECIPE)
+    out["nq_short"] = (load_questions(NQ_OPEN, limit=NQ_QUESTIONS), SHORT_RECIPE)
     return out
 
 
