@@ -5,9 +5,12 @@
 
 Collect: greedy answers with the shipped probe's model for every set of
 `probes.longform_data` (TriviaQA short and long form, NQ-open short, made-up entities
-from the generator), cached as resumable JSONL under ``--work``; then one teacher-forced
-pass per answer through the shipped probe's `RiskScorer` (token logits, log-probs,
-entropies, the prompt's final hidden state), cached as ``<set>.traces.npz``.
+from the generator, bench/scope.py's prompts), cached as resumable JSONL under ``--work``,
+each with its trace through the shipped probe's `RiskScorer` (token logits, log-probs,
+entropies, the prompt's final hidden state) read during generation
+(`probes.longform_collect`), or by one teacher-forced pass for answers collected before
+(`probes.longform.trace_answers`; the two agree, tests/probes/test_longform.py), cached
+as ``<set>.traces.npz``.
 
 Analyse (`bench/longform_analysis.py`): fits every candidate design on the train split
 and the generator's seed-0 entities, chooses every threshold on the validation split and
@@ -40,6 +43,7 @@ def collect(work: Path, names: list[str] | None, heldout: bool, batch_size: int)
     from guard.generation import GuardedModel
     from probes.collect import collect_answers
     from probes.longform import save_traces, trace_answers
+    from probes.longform_collect import collect_traced
     from probes.longform_data import (
         NQ_OPEN,
         TRIVIAQA,
@@ -64,11 +68,17 @@ def collect(work: Path, names: list[str] | None, heldout: bool, batch_size: int)
         answers = work / f"{name}.answers.jsonl"
         traces_path = work / f"{name}.traces.npz"
         started = time.perf_counter()
-        records = collect_answers(guarded.loaded, items, answers, recipe, batch_size=batch_size)
-        kept = [r for r in records if r.response_ids]
-        if not traces_path.exists():
-            traces = trace_answers(guarded.loaded, guarded.scorer, kept, batch_size=16)
-            save_traces(traces_path, [r.id for r in kept], traces)
+        if answers.exists() and not (work / f"{name}.traces.jsonl").exists():
+            # answered by collect_answers earlier: teacher-force once for the traces
+            records = collect_answers(guarded.loaded, items, answers, recipe, batch_size=batch_size)
+            if not traces_path.exists():
+                kept = [r for r in records if r.response_ids]
+                traces = trace_answers(guarded.loaded, guarded.scorer, kept, batch_size=16)
+                save_traces(traces_path, [r.id for r in kept], traces)
+        else:
+            records = collect_traced(
+                guarded.loaded, guarded.scorer, items, work, name, recipe, batch_size
+            )
         log.info("%s: %d answers in %.0f s", name, len(records), time.perf_counter() - started)
         if name == "tqa_long_train":  # all the knowledge probe's extra rows need
             collect_prompt_states(guarded, work)

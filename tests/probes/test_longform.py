@@ -134,3 +134,31 @@ def test_knowledge_probe_recovers_a_planted_direction() -> None:
     assert auroc(y, fit.oof_logits) > 0.9
     assert int(np.argmax(np.abs(fit.weights))) == 3
     assert auroc(y, fit.logits(x)) > 0.9
+
+
+def test_traced_generation_matches_collection_and_teacher_forcing(tmp_path: Path) -> None:
+    from guard.scoring import RiskScorer
+    from probes.collect import collect_answers
+    from probes.datasets import QAItem
+    from probes.longform import LONG_RECIPE
+    from probes.longform_collect import collect_traced
+
+    loaded = tiny_loaded()
+    probe = load_probe(write_probe(tmp_path / "probe", loaded))
+    scorer = RiskScorer(probe)
+    recipe = LONG_RECIPE.model_copy(update={"max_new_tokens": 12})
+    questions = ["Where?", "Who wrote it, and when?", "Tell me about Velmora."]
+    items = [QAItem(id=f"q{i}", question=q, answers=["Paris"]) for i, q in enumerate(questions)]
+    traced = collect_traced(loaded, scorer, items, tmp_path, "set", recipe, batch_size=2)
+    plain = collect_answers(loaded, items, tmp_path / "plain.jsonl", recipe, batch_size=2)
+    assert [r.response_ids for r in traced] == [r.response_ids for r in plain]
+    assert [r.stopped for r in traced] == [r.stopped for r in plain]
+    kept = [r for r in traced if r.response_ids]
+    forced = trace_answers(loaded, scorer, kept, batch_size=3)
+    back = load_traces(tmp_path / "set.traces.npz")
+    for record, reference in zip(kept, forced, strict=True):
+        got = back[record.id]
+        for name in ("token_logits", "logprobs", "entropies", "prompt_hidden"):
+            np.testing.assert_allclose(getattr(got, name), getattr(reference, name), atol=1e-4)
+    again = collect_traced(loaded, scorer, items, tmp_path, "set", recipe, batch_size=2)
+    assert again == traced  # resumed: nothing asked twice, same records
