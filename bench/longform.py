@@ -41,9 +41,6 @@ log = logging.getLogger("longform")
 def collect(work: Path, names: list[str] | None, heldout: bool, batch_size: int) -> None:
     """Answers and traces of every set (resumable: finished sets are skipped)."""
     from guard.generation import GuardedModel
-    from probes.collect import collect_answers
-    from probes.longform import save_traces, trace_answers
-    from probes.longform_collect import collect_traced
     from probes.longform_data import (
         NQ_OPEN,
         TRIVIAQA,
@@ -63,25 +60,65 @@ def collect(work: Path, names: list[str] | None, heldout: bool, batch_size: int)
         sets.update(heldout_sets(HELDOUT))
     sets["nq_short"] = nq
     for name, (items, recipe) in sets.items():
+        if name == "nq_short":  # needs the train answers: built once they exist
+            sets_known = known_entity_set(work)
+            if sets_known is not None and (not names or "known_long" in names):
+                _collect_one(guarded, work, "known_long", *sets_known, batch_size)
         if names and name not in names:
             continue
-        answers = work / f"{name}.answers.jsonl"
-        traces_path = work / f"{name}.traces.npz"
-        started = time.perf_counter()
-        if answers.exists() and not (work / f"{name}.traces.jsonl").exists():
-            # answered by collect_answers earlier: teacher-force once for the traces
-            records = collect_answers(guarded.loaded, items, answers, recipe, batch_size=batch_size)
-            if not traces_path.exists():
-                kept = [r for r in records if r.response_ids]
-                traces = trace_answers(guarded.loaded, guarded.scorer, kept, batch_size=16)
-                save_traces(traces_path, [r.id for r in kept], traces)
-        else:
-            records = collect_traced(
-                guarded.loaded, guarded.scorer, items, work, name, recipe, batch_size
-            )
-        log.info("%s: %d answers in %.0f s", name, len(records), time.perf_counter() - started)
-        if name == "tqa_long_train":  # all the knowledge probe's extra rows need
-            collect_prompt_states(guarded, work)
+        _collect_one(guarded, work, name, items, recipe, batch_size)
+
+
+def known_entity_set(work: Path) -> tuple[list[Any], Any] | None:
+    """Long-form requests ("Tell me about Charles Dickens.") about the real entities the
+    model named correctly in TriviaQA *train* answers: a validation stand-in for real
+    long-form traffic (no labels; its flag rate is the price a design pays there)."""
+    from probes.collect import read_answers
+    from probes.datasets import QAItem
+    from probes.longform_data import PLAIN_LONG, real_entity
+    from probes.madeup_templates import generic_long_requests
+
+    paths = [work / f"tqa_{form}_train.answers.jsonl" for form in ("short", "long")]
+    if not all(path.exists() for path in paths):
+        return None
+    records = {**read_answers(paths[1]), **read_answers(paths[0])}
+    items, seen = [], set()
+    for k, record in enumerate(sorted(records.values(), key=lambda r: r.id)):
+        name = real_entity(record.answers) if record.correct else None
+        if name is None or name in seen:
+            continue
+        seen.add(name)
+        requests = generic_long_requests(name)
+        items.append(QAItem(id=f"known-{record.id}", question=requests[k % len(requests)],
+                            answers=[name]))  # fmt: skip
+    return items, PLAIN_LONG
+
+
+def _collect_one(
+    guarded: Any, work: Path, name: str, items: list[Any], recipe: Any, batch_size: int
+) -> None:
+    """One set's answers and traces (see the module docstring)."""
+    from probes.collect import collect_answers
+    from probes.longform import save_traces, trace_answers
+    from probes.longform_collect import collect_traced
+
+    answers = work / f"{name}.answers.jsonl"
+    traces_path = work / f"{name}.traces.npz"
+    started = time.perf_counter()
+    if answers.exists() and not (work / f"{name}.traces.jsonl").exists():
+        # answered by collect_answers earlier: teacher-force once for the traces
+        records = collect_answers(guarded.loaded, items, answers, recipe, batch_size=batch_size)
+        if not traces_path.exists():
+            kept = [r for r in records if r.response_ids]
+            traces = trace_answers(guarded.loaded, guarded.scorer, kept, batch_size=16)
+            save_traces(traces_path, [r.id for r in kept], traces)
+    else:
+        records = collect_traced(
+            guarded.loaded, guarded.scorer, items, work, name, recipe, batch_size
+        )
+    log.info("%s: %d answers in %.0f s", name, len(records), time.perf_counter() - started)
+    if name == "tqa_long_train":  # all the knowledge probe's extra rows need
+        collect_prompt_states(guarded, work)
 
 
 def collect_prompt_states(guarded: Any, work: Path) -> None:

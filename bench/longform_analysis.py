@@ -36,8 +36,12 @@ FIT = ["tqa_short_train", "tqa_long_train", "madeup_train_short", "madeup_train_
 VAL = ["tqa_short_val", "tqa_long_val", "madeup_val_short", "madeup_val_long"]
 TEST = ["tqa_short_test", "tqa_long_test", "nq_short"]
 HELDOUT = ["heldout_short", "heldout_long", "heldout_real_long"]
-SCOPE = ["scope_short", "scope_long"]
+SCOPE = ["scope_short", "scope_long", "known_long"]
+POOLED_COLUMNS = ("pool_mean", "pool_max", "pool_window", *STAT_NAMES)
+POOLED_NO_LENGTH = tuple(c for c in POOLED_COLUMNS if c != "length")
 FALSE_ALARM_VAL = 0.08
+ABSTAIN_RULE_VAL = 0.04
+PRE_GENERATION_RULE_VAL = 0.02
 POOLS = ("max", "topk", "window")
 
 
@@ -134,6 +138,10 @@ def _stats(s: AnswerSet) -> np.ndarray:
     return np.stack([s.f[name] for name in STAT_NAMES], axis=1)
 
 
+def _columns(sets: list[AnswerSet], columns: tuple[str, ...]) -> np.ndarray:
+    return np.stack([_cat(sets, c) for c in columns], axis=1)
+
+
 def _cat(sets: list[AnswerSet], key: str) -> np.ndarray:
     return np.concatenate([s.f[key] for s in sets])
 
@@ -188,11 +196,13 @@ def fit_designs(work: Path, fit: list[AnswerSet], val: list[AnswerSet]) -> dict[
     oof = knowledge.oof_logits[: sum(s.n for s in fit)]
     combo_x = np.stack([_cat(fit, "z_sentence_max"), _cat(fit, "z_mean"), oof], axis=1)
     parts["combo"] = fit_raw_logistic(combo_x, y_fit, 1.0, 0)
+    for name, columns in (("pooled", POOLED_COLUMNS), ("pooled_nolen", POOLED_NO_LENGTH)):
+        parts[name] = fit_raw_logistic(_columns(fit, columns), y_fit, 1.0, 0)
     for s in val:
         add_design_scores(s, parts)
     for name in ("restack_" + p for p in POOLS):
         parts["calibrators"][name] = _platt(_cat(val, "z_" + name), y_val)
-    for name in ("prompt", "combo", "sentence_max_recal"):
+    for name in ("prompt", "combo", "sentence_max_recal", "pooled", "pooled_nolen"):
         parts["calibrators"][name] = _platt(_cat(val, "z_" + name), y_val)
     return parts
 
@@ -209,6 +219,9 @@ def add_design_scores(s: AnswerSet, parts: dict[str, Any]) -> None:
     weights, bias = parts["combo"]
     combo_x = np.stack([s.f["z_sentence_max"], s.f["z_mean"], s.f["z_prompt"]], axis=1)
     s.f["z_combo"] = combo_x @ weights + bias
+    for name, columns in (("pooled", POOLED_COLUMNS), ("pooled_nolen", POOLED_NO_LENGTH)):
+        weights, bias = parts[name]
+        s.f[f"z_{name}"] = _columns([s], columns) @ weights + bias
     s.f["z_sentence_max_recal"] = s.f["z_sentence_max"]
     for name, calibrator in parts["calibrators"].items():
         s.f["risk_" + name] = np.clip(calibrator(s.f["z_" + name]), 0.0, 1.0)
@@ -226,6 +239,8 @@ DESIGNS = {
     "prompt knowledge probe": "risk_prompt",
     "max(riskiest sentence, prompt)": "risk_max_sentence_prompt",
     "stack(sentence, mean, prompt)": "risk_combo",
+    "stack(mean, max, window-8 pooling, stats)": "risk_pooled",
+    "stack(mean, max, window-8 pooling, stats but length)": "risk_pooled_nolen",
 }
 
 
@@ -319,11 +334,10 @@ def _scopes(s: AnswerSet, gate: ScopeGate | None, work: Path) -> dict[str, np.nd
 def build_report(
     sets: dict[str, AnswerSet], parts: dict[str, Any], gate: ScopeGate | None, work: Path
 ) -> dict[str, Any]:
-    val_correct = [sets[n].f for n in ("tqa_short_val", "tqa_long_val")]
-    lines: dict[str, float] = {}
-    for design, key in DESIGNS.items():
-        groups = [f[key][sets[n].correct] for f, n in zip(val_correct, VAL[:2], strict=True)]
-        lines[design] = threshold_for(groups)
+    def line(key: str, rate: float) -> float:
+        return threshold_for([sets[n].f[key][sets[n].correct] for n in VAL[:2]], rate)
+
+    lines = {design: line(key, FALSE_ALARM_VAL) for design, key in DESIGNS.items()}
     report: dict[str, Any] = {
         "sets": {
             n: {
@@ -347,12 +361,24 @@ def build_report(
         entry: dict[str, Any] = {"threshold": lines[design]}
         for name, s in sets.items():
             entry[name] = summary_rates(s, key, lines[design], _scopes(s, gate, work))
-        for name in ("tqa_short_test", "nq_short"):
+        for name in ("tqa_short_val", "tqa_long_val", "tqa_short_test", "nq_short"):
             if name in sets:
                 entry[name]["auroc"] = auroc_entry(sets[name].y, sets[name].f[key])
         report["designs"][design] = entry
+    report["selection"] = select_design(report["designs"])
     if "tqa_long_test" in sets:
         report["long_form_test"] = long_form_report(sets["tqa_long_test"])
+    # the abstain line and pre-generation abstention on the prompt risk alone
+    report["abstain_rule_val"] = ABSTAIN_RULE_VAL
+    report["abstain_thresholds"] = {d: line(k, ABSTAIN_RULE_VAL) for d, k in DESIGNS.items()}
+    pre = line("risk_prompt", PRE_GENERATION_RULE_VAL)
+    report["pre_generation"] = {
+        "rule_val": PRE_GENERATION_RULE_VAL,
+        "threshold": pre,
+        "abstained": {
+            n: summary_rates(s, "risk_prompt", pre, _scopes(s, gate, work)) for n, s in sets.items()
+        },  # fmt: skip
+    }
     report["today"] = {
         name: summary_rates(s, "risk_mean", probe_flag(), _scopes(s, gate, work))
         for name, s in sets.items()
@@ -366,6 +392,36 @@ def build_report(
 
 def probe_flag() -> float:
     return float(load_probe("default").manifest.thresholds.flag)
+
+
+SELECTION_RULE = (
+    "validation only: among designs whose TriviaQA validation short-answer AUROC is within "
+    "0.01 of the served mean's, the highest mean of made-up validation recall (short, long; "
+    "no gate) at its own threshold; ties go to the simpler (earlier) design"
+)
+
+
+def select_design(designs: dict[str, Any]) -> dict[str, Any]:
+    """The design chosen on validation data by `SELECTION_RULE` (frozen before held-out)."""
+    served = designs["mean (served today)"]["tqa_short_val"]["auroc"]["auroc"]
+    rows = {}
+    for design, entry in designs.items():
+        rows[design] = {
+            "val_short_auroc": entry["tqa_short_val"]["auroc"]["auroc"],
+            "val_long_auroc": entry["tqa_long_val"]["auroc"]["auroc"],
+            "madeup_val_recall": float(
+                np.mean(
+                    [
+                        entry[n]["no_gate"]["flagged"]
+                        for n in ("madeup_val_short", "madeup_val_long")
+                    ]
+                )
+            ),  # fmt: skip
+            "known_long_flagged": entry.get("known_long", {}).get("no_gate", {}).get("flagged"),
+        }
+    eligible = [d for d, r in rows.items() if r["val_short_auroc"] >= served - 0.01]
+    chosen = max(eligible, key=lambda d: rows[d]["madeup_val_recall"])
+    return {"rule": SELECTION_RULE, "candidates": rows, "chosen": chosen}
 
 
 def _pct(value: float | None) -> str:
