@@ -15,7 +15,7 @@ QA_FILES = [Path(TRIVIAQA), Path(NQ_OPEN)]
 LONG_CUES = re.compile(
     r"^(tell me|who (is|was)|write a short (biography|history)|describe|what is the history|"
     r"give me (an overview|a short summary)|summarise|what can you tell|what is .* known for|"
-    r"in a few sentences|explain what|what (were|is|does|happened))",
+    r"in a few sentences|explain (what|how)|what (were|is|does|happened))",
     re.IGNORECASE,
 )
 
