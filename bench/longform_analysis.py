@@ -269,6 +269,7 @@ def summary_rates(
     for gate, in_scope in scopes.items():
         hit = flagged(s, key, line, in_scope)
         out[gate] = {
+            "in_scope": 1.0 if in_scope is None else float(in_scope.mean()),
             "flagged": float(hit.mean()),
             "flagged_or_refused": float((hit | s.refusal).mean()),
             "correct_flagged": float(hit[s.correct].mean()) if s.correct.any() else None,
