@@ -38,7 +38,7 @@ SCOPE_PROMPTS = ROOT / "bench" / "data" / "scope_prompts.jsonl"
 log = logging.getLogger("longform")
 
 
-def collect(work: Path, names: list[str] | None, heldout: bool, batch_size: int) -> None:
+def collect(work: Path, names: list[str] | None, heldout: Path | None, batch_size: int) -> None:
     """Answers and traces of every set (resumable: finished sets are skipped)."""
     from guard.generation import GuardedModel
     from probes.longform_data import (
@@ -56,8 +56,8 @@ def collect(work: Path, names: list[str] | None, heldout: bool, batch_size: int)
     sets = standard_sets(Vocabulary.from_qa_files([TRIVIAQA, NQ_OPEN]))
     nq = sets.pop("nq_short")  # the largest set goes last
     sets.update(scope_sets(SCOPE_PROMPTS))
-    if heldout:
-        sets.update(heldout_sets(HELDOUT))
+    if heldout is not None:
+        sets.update(heldout_sets(heldout))
     sets["nq_short"] = nq
     for name, (items, recipe) in sets.items():
         if name == "nq_short":  # needs the train answers: built once they exist
@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", choices=("collect", "analyse", "all"), default="all")
     parser.add_argument("--sets", nargs="*", help="collect only these sets")
     parser.add_argument("--heldout", action="store_true", help="also the held-out made-up set")
+    parser.add_argument("--heldout-file", type=Path, default=HELDOUT)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.heldout:
         _record_heldout_use(args.work)
     if args.stage in ("collect", "all"):
-        collect(args.work, args.sets, args.heldout, args.batch_size)
+        heldout = args.heldout_file if args.heldout else None
+        collect(args.work, args.sets, heldout, args.batch_size)
     if args.stage in ("analyse", "all"):
         sys.path.insert(0, str(Path(__file__).parent))
         from longform_analysis import analyse

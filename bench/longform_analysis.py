@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from longform_report import markdown_table, select_design  # bench/ is on sys.path
 
 from guard.probe import STAT_NAMES, load_probe
 from guard.scope import ScopeGate
@@ -268,6 +269,7 @@ def summary_rates(
     for gate, in_scope in scopes.items():
         hit = flagged(s, key, line, in_scope)
         out[gate] = {
+            "in_scope": 1.0 if in_scope is None else float(in_scope.mean()),
             "flagged": float(hit.mean()),
             "flagged_or_refused": float((hit | s.refusal).mean()),
             "correct_flagged": float(hit[s.correct].mean()) if s.correct.any() else None,
@@ -366,6 +368,7 @@ def build_report(
                 entry[name]["auroc"] = auroc_entry(sets[name].y, sets[name].f[key])
         report["designs"][design] = entry
     report["selection"] = select_design(report["designs"])
+    report["fitted"] = fitted_parts(parts)
     if "tqa_long_test" in sets:
         report["long_form_test"] = long_form_report(sets["tqa_long_test"])
     # the abstain line and pre-generation abstention on the prompt risk alone
@@ -394,66 +397,20 @@ def probe_flag() -> float:
     return float(load_probe("default").manifest.thresholds.flag)
 
 
-SELECTION_RULE = (
-    "validation only: among designs whose TriviaQA validation short-answer AUROC is within "
-    "0.01 of the served mean's, the highest mean of made-up validation recall (short, long; "
-    "no gate) at its own threshold; ties go to the simpler (earlier) design"
-)
-
-
-def select_design(designs: dict[str, Any]) -> dict[str, Any]:
-    """The design chosen on validation data by `SELECTION_RULE` (frozen before held-out)."""
-    served = designs["mean (served today)"]["tqa_short_val"]["auroc"]["auroc"]
-    rows = {}
-    for design, entry in designs.items():
-        rows[design] = {
-            "val_short_auroc": entry["tqa_short_val"]["auroc"]["auroc"],
-            "val_long_auroc": entry["tqa_long_val"]["auroc"]["auroc"],
-            "madeup_val_recall": float(
-                np.mean(
-                    [
-                        entry[n]["no_gate"]["flagged"]
-                        for n in ("madeup_val_short", "madeup_val_long")
-                    ]
-                )
-            ),  # fmt: skip
-            "known_long_flagged": entry.get("known_long", {}).get("no_gate", {}).get("flagged"),
-        }
-    eligible = [d for d, r in rows.items() if r["val_short_auroc"] >= served - 0.01]
-    chosen = max(eligible, key=lambda d: rows[d]["madeup_val_recall"])
-    return {"rule": SELECTION_RULE, "candidates": rows, "chosen": chosen}
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.0f}%"
-
-
-def markdown_table(report: dict[str, Any], gate: str) -> str:
-    """Designs x headline figures (made-up recall under ``gate``; AUROCs with 95% CI)."""
-    made = [n for n in ("heldout_short", "heldout_long") if n in report["sets"]] or [
-        "madeup_val_short", "madeup_val_long"
-    ]  # fmt: skip
-    head = [f"{n} flagged" for n in made] + [
-        "TQA correct flagged (short / long)", "TQA short AUROC", "NQ AUROC", "long-form AUROC",
-        "long - best baseline",
-    ]  # fmt: skip
-    lines = ["| design | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-    long_form = report.get("long_form_test", {})
-    for design, entry in report["designs"].items():
-        cells = [_pct(entry[n][gate]["flagged"]) for n in made]
-        short, long = entry.get("tqa_short_test"), entry.get("tqa_long_test")
-        cells.append(
-            f"{_pct(short['no_gate']['correct_flagged']) if short else 'n/a'} / "
-            f"{_pct(long['no_gate']['correct_flagged']) if long else 'n/a'}"
-        )
-        for name in ("tqa_short_test", "nq_short"):
-            a = entry.get(name, {}).get("auroc")
-            cells.append("n/a" if not a else f"{a['auroc']:.3f}")
-        lf = long_form.get("designs", {}).get(design)
-        cells.append("n/a" if not lf else f"{lf['auroc']:.3f} [{lf['auroc_ci95'][0]:.3f}, "
-                     f"{lf['auroc_ci95'][1]:.3f}]")  # fmt: skip
-        diff = long_form.get("minus_best_baseline", {}).get(design)
-        cells.append("n/a" if not diff else f"{diff['difference']:+.3f} [{diff['ci95'][0]:+.3f}, "
-                     f"{diff['ci95'][1]:+.3f}]")  # fmt: skip
-        lines.append(f"| {design} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def fitted_parts(parts: dict[str, Any]) -> dict[str, Any]:
+    """The fitted numbers a runtime needs, in raw feature units (z = b + sum w_i x_i, then
+    risk = sigmoid(a z + c) with the Platt calibrator fitted on validation)."""
+    out: dict[str, Any] = {}
+    for name, columns in (("pooled", POOLED_COLUMNS), ("pooled_nolen", POOLED_NO_LENGTH)):
+        weights, bias = parts[name]
+        out[name] = {"intercept": bias, "coef": dict(zip(columns, weights.tolist(), strict=True))}
+    for name, stacker in parts["stackers"].items():
+        out[f"restack_{name}"] = stacker.model_dump()
+    weights, bias = parts["combo"]
+    out["combo"] = {"intercept": bias, "coef": dict(zip(
+        ("z_sentence_max", "z_mean", "z_prompt"), weights.tolist(), strict=True))}  # fmt: skip
+    out["calibrators"] = {n: c.model_dump() for n, c in parts["calibrators"].items()}
+    knowledge = parts["knowledge"]
+    out["knowledge_probe"] = {"bias": knowledge.bias, "weights_norm": float(np.linalg.norm(
+        knowledge.weights)), "C": knowledge.c}  # fmt: skip
+    return out
