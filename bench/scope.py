@@ -159,7 +159,11 @@ def main() -> None:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
         "model": guarded.model_id,
-        "probe": guarded.info.describe(),
+        "probe": {
+            "name": guarded.info.probe_name,
+            "sha256": guarded.info.probe_sha256,
+            "thresholds": guarded.policy.thresholds(),
+        },
         "max_tokens": args.max_tokens,
         "long_max_tokens": args.long_max_tokens,
         "seconds": round(time.perf_counter() - started, 1),

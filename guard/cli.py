@@ -7,7 +7,6 @@ This is the only module of ``guard`` that may import ``probes``, lazily, inside 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -38,12 +37,13 @@ def _model_and_probe(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _score(args: argparse.Namespace) -> int:
+    from guard.api.bodies import guard_object
     from guard.loading import load_guarded
     from guard.settings import GuardSettings
 
     guarded = load_guarded(GuardSettings(**_model_and_probe(args)))
     result = guarded.score(question=args.question, answer=args.answer)
-    print(json.dumps(result.guard_object(), indent=2))
+    print(guard_object(result).model_dump_json(indent=2))
     return 0
 
 

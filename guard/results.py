@@ -1,14 +1,15 @@
-"""What guarded generation and scoring return, and the ``guard`` JSON object built from it.
+"""What guarded generation and scoring return (plain results; their JSON, the ``guard``
+object, is built by `guard.api.bodies`).
 
 result = guarded.score(question="Capital of France?", answer="Paris")
-result.risk, result.decision, result.guard_object()
+result.risk, result.decision, result.tokens
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Literal
 
 FinishReason = Literal["stop", "length", "content_filter", "cancelled"]
 
@@ -33,15 +34,6 @@ class GuardInfo:
     def guarded(self) -> bool:
         return self.probe_name is not None
 
-    def describe(self) -> dict[str, Any]:
-        """The fixed part of every ``guard`` object."""
-        probe = {"name": self.probe_name, "sha256": self.probe_sha256} if self.guarded else None
-        return {
-            "probe": probe,
-            "thresholds": self.thresholds if self.guarded else None,
-            "guarded": self.guarded,
-        }
-
 
 @dataclass(frozen=True)
 class ScopeVerdict:
@@ -49,9 +41,6 @@ class ScopeVerdict:
 
     in_scope: bool
     score: float
-
-    def as_json(self) -> dict[str, Any]:
-        return {"in_scope": self.in_scope, "score": self.score}
 
 
 def judged(scope: ScopeVerdict | None) -> bool:
@@ -66,9 +55,6 @@ class TokenRisk:
     token_id: int
     text: str
     risk: float | None
-
-    def as_json(self) -> dict[str, Any]:
-        return {"text": self.text, "risk": self.risk}
 
 
 @dataclass(frozen=True)
@@ -99,35 +85,13 @@ class ScoreResult:
     def token_risks(self) -> list[float | None]:
         return [token.risk for token in self.tokens]
 
-    def headers(self, request_id: str) -> dict[str, str]:
-        """The response headers of a non-streamed answer or score."""
-        return {
-            "X-Guard-Risk": "none" if self.risk is None else f"{self.risk:.6f}",
-            "X-Guard-Decision": self.decision.value,
-            "X-Request-ID": request_id,
-        }
-
-    def guard_object(self, *, include_tokens: bool = True) -> dict[str, Any]:
-        """The ``guard`` object of docs/ARCHITECTURE.md for the whole answer."""
-        body: dict[str, Any] = {
-            "risk": self.risk,
-            "decision": self.decision.value,
-            "aborted": self.aborted,
-        }
-        if include_tokens:
-            body["tokens"] = [token.as_json() for token in self.tokens]
-        body["layers"] = {str(layer): share for layer, share in self.layers.items()}
-        body["scope"] = self.scope.as_json() if self.scope is not None else None
-        body.update(self.info.describe())
-        return body
-
 
 @dataclass(frozen=True)
 class GenerationResult(ScoreResult):
     """A generated answer with its verdict.
 
-    ``text`` is the answer as generated (cut before a stop string); replacing an
-    abstained answer with the abstention message is the caller's choice.
+    ``text`` is the answer as generated (cut before a stop string), abstained or not:
+    the API withholds an abstained answer in one place (`guard.api.bodies.final_answer`).
     """
 
     text: str = ""

@@ -38,6 +38,10 @@ class SamplingParams:
             raise InvalidRequestError("top_p must lie in (0, 1]")
 
 
+# Below float32's smallest normal number a temperature cannot divide the logits.
+SMALLEST_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
+
+
 def sample_next(
     raw: torch.Tensor,
     rows: Sequence[SamplingParams],
@@ -56,9 +60,10 @@ def sample_next(
         ] = -torch.inf
     chosen = raw.argmax(dim=-1)
     for i, (params, generator) in enumerate(zip(rows, generators, strict=True)):
-        if params.temperature == 0:
+        if params.temperature < SMALLEST_TEMPERATURE:  # greedy: sampling's limit as T -> 0
             continue
-        logits = raw[i].float() / params.temperature
+        row = raw[i].float()
+        logits = (row - row.max()) / params.temperature  # <= 0: no overflow at tiny T
         probs = torch.softmax(logits, dim=-1)
         if params.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)

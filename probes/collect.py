@@ -48,8 +48,10 @@ class AnswerRecord(BaseModel):
     """One question's greedy answer, its verdict and answer token span, and any samples.
 
     ``response_ids`` are the generated tokens up to and excluding the first end token;
-    ``span`` is the half-open range of ``response_ids`` holding the matched alias (correct
-    answers only); ``consistent``: greedy and every sample agree on correctness.
+    ``refusal``: the answer declines to answer (`probes.judge.is_refusal`), which is never
+    a hallucination; ``span`` is the half-open range of ``response_ids`` holding the
+    matched alias (correct answers only); ``consistent``: greedy and every sample agree on
+    correctness.
     """
 
     id: str
@@ -65,6 +67,12 @@ class AnswerRecord(BaseModel):
     span: tuple[int, int] | None
     samples: list[SampleRecord] = []
     consistent: bool = True
+    refusal: bool = False
+
+    @property
+    def hallucinated(self) -> bool:
+        """The label: neither correct nor a refusal."""
+        return not self.correct and not self.refusal
 
 
 def collect_answers(
@@ -286,6 +294,7 @@ def rejudge(tokenizer: PreTrainedTokenizerBase, record: AnswerRecord) -> AnswerR
     return record.model_copy(
         update={
             "correct": verdict.correct,
+            "refusal": verdict.refusal,
             "alias": verdict.alias,
             "span": span,
             "samples": samples,

@@ -173,7 +173,7 @@ def score_records(
             token_logits = scorer.measure(scorer.flatten(trace.cett))[:, 0].double().numpy()
             lp, ent = trace.logprobs.numpy(), trace.entropies.numpy()
             stats.append(AnswerStats.from_tokens(token_logits, lp, ent))
-    labels = np.array([0 if r.correct else 1 for r in kept], dtype=np.int64)
+    labels = np.array([1 if r.hallucinated else 0 for r in kept], dtype=np.int64)
     return _score_stats(scorer, labels, stats), len(records) - len(kept)
 
 

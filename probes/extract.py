@@ -109,7 +109,16 @@ def _digest(loaded: LoadedModel, chunk: Sequence[AnswerRecord]) -> str:
     """What a shard's features depend on: the model and each answer's tokens and labels."""
     digest = hashlib.sha256(loaded.fingerprint.down_proj_sha256.encode())
     for r in chunk:
-        key = [r.id, r.prompt_ids, r.response_ids, r.span, r.correct, r.consistent, r.split]
+        # ``not hallucinated`` is ``correct`` except for refusals: old shards keep their digest
+        key = [
+            r.id,
+            r.prompt_ids,
+            r.response_ids,
+            r.span,
+            not r.hallucinated,
+            r.consistent,
+            r.split,
+        ]
         digest.update(json.dumps(key).encode())
     return digest.hexdigest()
 
@@ -163,7 +172,7 @@ def _extract_shard(
         del array
         os.replace(tmp[kind], stem.with_name(f"{stem.name}.{kind}.npy"))
     meta = {
-        "label": [0 if r.correct else 1 for r in kept],
+        "label": [1 if r.hallucinated else 0 for r in kept],
         "split": [r.split for r in kept],
         "consistent": [r.consistent for r in kept],
         "has_span": [r.span is not None and r.span[1] > r.span[0] for r in kept],

@@ -11,12 +11,20 @@ Normalisation keeps, for every normalised word, where it came from in the raw te
 the judge can say which raw characters (and, with the tokenizer, which response tokens)
 hold the matched answer.
 
+A *refusal* ("I don't know", "I'm not sure who that is", "There is no country called
+...") answers nothing, so it is never a hallucination: for a made-up entity it is the
+right answer. `is_refusal` reads the answer's first sentence (where a model commits to
+answering or not); a refusal that goes on to answer anyway in that sentence ("I'm not
+sure, but I think it is Lyon") is not one. ``Judgement.hallucinated`` is the label.
+
     j = judge("It is the Eiffel Tower.", ["Eiffel Tower"])
     j.correct, j.alias, j.char_span  # True, "eiffel tower", (10, 22)
+    judge("I'm not sure who that is.", ["Paris"]).hallucinated  # False
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -34,6 +42,57 @@ class Judgement:
     correct: bool
     alias: str | None = None
     char_span: tuple[int, int] | None = None  # [start, end) in the raw response text
+    refusal: bool = False
+
+    @property
+    def hallucinated(self) -> bool:
+        """The label: neither a correct answer nor a refusal."""
+        return not self.correct and not self.refusal
+
+
+_REFUSAL_PATTERNS = (
+    r"\bi (do not|don't|dont) (know|recognise|recognize)\b",
+    r"\bi (do not|don't|dont) have (any |enough |specific |reliable )?"
+    r"(information|details|data|knowledge|records?)\b",
+    r"\bi have no (information|knowledge|idea|record|records|data|details)\b",
+    r"\bi('m| am) (not sure|not certain|not aware|unaware|not familiar|unable to|afraid)\b"
+    r"(?! (i'd|i would) (say|call)\b)",
+    r"\bi (could not|couldn't|can't|cannot|can not|was unable to|am unable to) "
+    r"(find|locate|provide|answer|identify|verify|confirm|tell|say)\b",
+    r"\bnot familiar with\b",
+    r"\bno (reliable |specific |available |public )?(information|record|records|data|mention)"
+    r" (is |are |was )?(available|exists?|about|on|of|for|found)\b",
+    r"\b(there is|there's|there are|there was|there were) no (such|known|record|records|"
+    r"information|data|evidence|mention|widely|real|official|notable|historical|specific|"
+    r"publicly|reliable|existing)\b",
+    r"\b(there is|there's|there are|there was) no [a-z' -]{1,40} (called|named|known as)\b",
+    r"\b(does not|doesn't|did not|didn't|do not|don't) (seem to |appear to )?exist\b",
+    r"\b(is|are|was) not (a real|an actual|a known|a recognised|a recognized|real)\b",
+    r"\b(is|are|remains?) unknown\b",
+)
+_REFUSAL = re.compile("|".join(f"(?:{p})" for p in _REFUSAL_PATTERNS), re.IGNORECASE)
+# A refusal that answers anyway in the same sentence ("I'm not sure, but it is Lyon").
+_ANSWERS_ANYWAY = re.compile(
+    r"\b(but|however|although)\b,?(?! (i (can|could|would|will|'d|'ll|am happy|'m happy)|you|"
+    r"if you|feel free|there is no|there's no|it is not|it's not|it does not)\b)"
+)
+_FIRST_SENTENCE = re.compile(r"(?<=[.!?])\s|\n")
+
+
+def is_refusal(response: str) -> bool:
+    """Does the answer decline to answer (see module docstring)? Reads its first sentence."""
+    text = response.strip().replace("\u2019", "'")
+    first = _FIRST_SENTENCE.split(text, maxsplit=1)[0]
+    for found in _REFUSAL.finditer(first):
+        if _title_cased(found.group()):  # "I Don't Know How to Love Him" is a song
+            continue
+        return _ANSWERS_ANYWAY.search(first.lower(), found.end()) is None
+    return False
+
+
+def _title_cased(text: str) -> bool:
+    words = [w for w in text.split() if w[:1].isalpha()]
+    return len(words) >= 3 and all(w[0].isupper() for w in words)
 
 
 @dataclass(frozen=True)
@@ -96,7 +155,8 @@ def judge(response: str, aliases: list[str], question: str | None = None) -> Jud
     With ``question``, aliases that occur in the question are ignored too: repeating the
     question ("The Georgia Peach was ...") is not answering it. TriviaQA's alias lists
     hold many such entries (on 1,707 SmolLM2 answers, 84 of 278 "correct" verdicts
-    were only that), and they would label hallucinations as faithful.
+    were only that), and they would label hallucinations as faithful. ``refusal`` is
+    `is_refusal` of the response (a correct answer wins over it).
     """
     words = _words(response)
     texts = [word.text for word in words]
@@ -114,9 +174,10 @@ def judge(response: str, aliases: list[str], question: str | None = None) -> Jud
         if best is None or candidate < best:
             best = candidate
     if best is None:
-        return Judgement(correct=False)
+        return Judgement(correct=False, refusal=is_refusal(response))
     _, position, size, alias = best
-    return Judgement(True, alias, (words[position].start, words[position + size - 1].end))
+    span = (words[position].start, words[position + size - 1].end)
+    return Judgement(True, alias, span, refusal=is_refusal(response))
 
 
 def _find(haystack: list[str], needle: list[str]) -> int | None:

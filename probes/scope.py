@@ -125,6 +125,16 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> tuple[StandardSca
     return scaler, model.fit(scaler.transform(x), y)
 
 
+def fit_raw_logistic(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> tuple[np.ndarray, float]:
+    """A standardised, class-balanced L2 logistic regression with the scaling folded into
+    raw weights: ``logit = x @ w + b`` (what a gate or prompt probe serves)."""
+    scaler, model = _fit(x, y, c, seed)
+    scale = scaler.scale_
+    weights = model.coef_[0] / scale
+    bias = float(model.intercept_[0] - np.sum(model.coef_[0] * scaler.mean_ / scale))
+    return weights.astype(np.float64), bias
+
+
 def _out_of_fold(
     x: np.ndarray, y: np.ndarray, groups: np.ndarray, c: float, config: ScopeConfig
 ) -> np.ndarray:
@@ -146,8 +156,11 @@ def fit_scope_gate(
     val_questions: Sequence[str],
     config: ScopeConfig,
     recipe: PromptRecipe,
+    extra_in_scope: Sequence[list[dict[str, str]]] = (),
 ) -> tuple[ScopeRecipe, ScopeWeights]:
-    """Fit the gate on train questions vs the open prompts; threshold from val questions."""
+    """Fit the gate on train questions (and ``extra_in_scope`` conversations, such as
+    long-form requests about named entities) vs the open prompts; threshold from val
+    questions."""
     opens = load_open_prompts(config.open_prompts)
     questions = list(train_questions)[: config.max_questions]
     val_questions = list(val_questions)[: config.max_val_questions]
@@ -159,15 +172,16 @@ def fit_scope_gate(
         variants = question_variants(question, recipe)
         return variants[int(rng.integers(len(variants)))]
 
-    conversations = [phrased(question) for question in questions]
-    labels = [1] * len(questions)
-    groups = list(range(len(questions)))
+    conversations = [phrased(question) for question in questions] + list(extra_in_scope)
+    labels = [1] * len(conversations)
+    groups = list(range(len(conversations)))
+    first_open = len(conversations)
     categories: list[str] = []
     for j, item in enumerate(opens):
         variants = open_variants(item.prompt)
         conversations += variants
         labels += [0] * len(variants)
-        groups += [len(questions) + j] * len(variants)
+        groups += [first_open + j] * len(variants)
         categories += [item.category] * len(variants)
     val_conversations = [phrased(question) for question in val_questions]
     features = hidden_states(loaded, conversations + val_conversations, config.batch_size)
@@ -183,10 +197,7 @@ def fit_scope_gate(
             {"C": c, "oof_auroc": auroc(y, p), "oof_open_rejected": _rejected(p[y == 0], threshold)}
         )
     best = max(search, key=lambda row: (row["oof_open_rejected"], -row["C"]))
-    scaler, model = _fit(x, y, best["C"], config.seed)
-    scale = scaler.scale_
-    weights = model.coef_[0] / scale
-    bias = float(model.intercept_[0] - np.sum(model.coef_[0] * scaler.mean_ / scale))
+    weights, bias = fit_raw_logistic(x, y, best["C"], config.seed)
     p_val = 1.0 / (1.0 + np.exp(-(x_val.astype(np.float64) @ weights + bias)))
     threshold = float(np.quantile(p_val, 1.0 - config.min_retention))
     p_open = oof[best["C"]][y == 0]
@@ -199,6 +210,7 @@ def fit_scope_gate(
         threshold=threshold,
         training={
             "in_scope": f"{len(questions)} train-split questions, one of 3 phrasings each",
+            **({"extra_in_scope": len(extra_in_scope)} if extra_in_scope else {}),
             "out_of_scope": f"{len(opens)} prompts x 2 phrasings ({config.open_prompts.name})",
             "model": "StandardScaler + L2 logistic regression, class_weight='balanced'",
             "c_search": search,

@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -28,6 +27,7 @@ from guard import __version__
 from guard.api import routes, ui
 from guard.api.deps import Services
 from guard.api.errors import body_too_large, install_error_handlers, shutting_down
+from guard.api.openapi import install_openapi
 from guard.audit import AuditLog
 from guard.batching import MicroBatcher
 from guard.engine import TransformersEngine
@@ -196,20 +196,5 @@ def create_app(
     app.include_router(routes.v1)
     app.include_router(routes.ops)
     app.include_router(ui.router)  # the browser playground at /ui (guard/api/ui.py)
-    _document_400s(app)
+    install_openapi(app, services)
     return app
-
-
-def _document_400s(app: FastAPI) -> None:
-    """Drop FastAPI's 422 from /openapi.json: validation errors are 400s here
-    (documented by the routers with OpenAI's error body)."""
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        schema = build()
-        for operations in schema.get("paths", {}).values():
-            for operation in operations.values():
-                operation.get("responses", {}).pop("422", None)
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]

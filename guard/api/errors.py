@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from guard.api.schemas import MESSAGES_FORM, QUESTION_FORM
 from guard.errors import (
     GuardError,
     InvalidRequestError,
@@ -123,6 +124,9 @@ def _request_id(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
+_NOT_FIELDS = frozenset({"body", QUESTION_FORM, MESSAGES_FORM})  # where, and union tags
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -131,7 +135,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":  # loc is ("body", offset): not a parameter
         detail = (first.get("ctx") or {}).get("error", "")
         return f"the request body is not valid JSON ({detail}): send a JSON object", None
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    loc = [str(part) for part in first.get("loc", ()) if part not in _NOT_FIELDS]
     param = ".".join(loc) or None
     message = str(first.get("msg", "invalid value"))
     return (f"{param}: {message}" if param else message), param

@@ -5,23 +5,28 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import APIRouter, Body, Depends, Request
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from guard.api.deps import RequestIdDep, ServicesDep, require_api_key
 from guard.api.errors import APIError, model_not_found
-from guard.api.schemas import (
-    ChatCompletionRequest,
-    CompletionRequest,
+from guard.api.openapi import streamed
+from guard.api.responses import (
+    ChatCompletion,
+    ChatCompletionChunk,
     ErrorResponse,
     ModelCard,
     ModelList,
-    ScoreRequest,
+    Readiness,
+    ScoreResponse,
+    TextCompletion,
+    TextCompletionChunk,
 )
+from guard.api.schemas import ChatCompletionRequest, CompletionRequest, ScoreRequest
 from guard.api.scoring import score_answer
 from guard.api.serving import prepare_chat, prepare_completion, respond
 
@@ -38,10 +43,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (504, "generation took longer than GUARD_REQUEST_TIMEOUT_S"),
     )
 }
-STREAMABLE: dict[int | str, dict[str, Any]] = {
-    200: {"description": "JSON, or server-sent events when stream is true",
-          "content": {"application/json": {}, "text/event-stream": {}}},
-}  # fmt: skip
+SCORED: dict[int | str, dict[str, Any]] = {
+    200: {"model": ScoreResponse, "description": "the guard object of the given answer"}
+}
 
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 ops = APIRouter()
@@ -51,7 +55,7 @@ def _started(request: Request) -> float:
     return float(getattr(request.state, "started", 0.0))
 
 
-@v1.post("/chat/completions", responses=STREAMABLE)
+@v1.post("/chat/completions", responses=streamed(ChatCompletion, ChatCompletionChunk))
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, services: ServicesDep, rid: RequestIdDep
 ) -> Response:
@@ -59,7 +63,7 @@ async def chat_completions(
     return await respond(services, prep, request.is_disconnected)
 
 
-@v1.post("/completions", responses=STREAMABLE)
+@v1.post("/completions", responses=streamed(TextCompletion, TextCompletionChunk))
 async def completions(
     body: CompletionRequest, request: Request, services: ServicesDep, rid: RequestIdDep
 ) -> Response:
@@ -79,8 +83,10 @@ async def get_model(model_id: str, services: ServicesDep) -> ModelCard:
     return ModelCard(id=services.served_model_name, created=services.created)
 
 
-@v1.post("/guard/score")
-async def guard_score(body: ScoreRequest, services: ServicesDep, rid: RequestIdDep) -> Response:
+@v1.post("/guard/score", responses=SCORED)
+async def guard_score(
+    body: Annotated[ScoreRequest, Body()], services: ServicesDep, rid: RequestIdDep
+) -> Response:
     return await score_answer(services, body, rid)
 
 
@@ -90,21 +96,16 @@ async def healthz() -> dict[str, str]:
 
 
 @ops.get("/readyz", responses={503: ERROR_RESPONSES[503]})
-async def readyz(services: ServicesDep) -> JSONResponse:
+async def readyz(services: ServicesDep) -> Readiness:
     if services.draining:
         raise APIError(503, "shutting down", type="service_unavailable", code="shutting_down")
     if not services.ready or services.engine is None:
         raise APIError(503, "model loading", type="service_unavailable", code="not_ready")
     engine = services.engine
-    return JSONResponse(
-        {
-            "status": "ready",
-            "model": services.served_model_name,
-            "guarded": engine.guarded,
-            "probe": engine.info.probe_name,
-            "probe_sha256": engine.info.probe_sha256,
-        }
-    )
+    return Readiness(
+        model=services.served_model_name, guarded=engine.guarded,
+        probe=engine.info.probe_name, probe_sha256=engine.info.probe_sha256,
+    )  # fmt: skip
 
 
 @ops.get("/metrics", response_class=PlainTextResponse)

@@ -1,4 +1,8 @@
-"""Serving logic of ``POST /v1/guard/score``: one teacher-forced pass on the worker thread."""
+"""Serving logic of ``POST /v1/guard/score``: one teacher-forced pass on the worker thread.
+
+The answer is the client's own text, so an abstained score withholds nothing: its tokens
+keep their text (the decision says what the guard would have done with it).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,10 @@ import time
 
 from fastapi.responses import JSONResponse
 
+from guard.api.bodies import guard_headers, score_response
 from guard.api.deps import Services
 from guard.api.errors import invalid
-from guard.api.schemas import ScoreRequest, usage
+from guard.api.schemas import QuestionAnswer, ScoreRequest
 from guard.api.serving import check_model
 from guard.results import Decision, ScoreResult
 
@@ -18,12 +23,12 @@ async def score_answer(services: Services, body: ScoreRequest, rid: str) -> JSON
     """The ``guard`` object of a given answer, with the usual guard headers."""
     engine = services.require_ready()
     model = check_model(services, body.model)
-    if body.messages is not None:
+    if isinstance(body, QuestionAnswer):
+        prompt_ids = engine.encode_question(body.question)
+        answer = body.answer
+    else:
         prompt_ids = engine.encode_chat([m.as_template() for m in body.messages[:-1]])
         answer = body.messages[-1].text()
-    else:
-        prompt_ids = engine.encode_question(body.question or "")
-        answer = body.answer or ""
     response_ids = engine.encode_answer(answer)
     if not response_ids:
         raise invalid("the answer is empty: give the text to score", param="answer")
@@ -36,12 +41,8 @@ async def score_answer(services: Services, body: ScoreRequest, rid: str) -> JSON
         )
     result = await engine.score(prompt_ids, response_ids)
     await record_score(services, rid, model, result, answer)
-    content = {
-        "id": f"score-{rid}", "object": "guard.score", "created": int(time.time()),
-        "model": model, "guard": result.guard_object(),
-        "usage": usage(len(prompt_ids), len(response_ids)),
-    }  # fmt: skip
-    return JSONResponse(content, headers=result.headers(rid))
+    body_out = score_response(rid, model, int(time.time()), result, len(prompt_ids))
+    return JSONResponse(body_out.model_dump(mode="json"), headers=guard_headers(result, rid))
 
 
 async def record_score(

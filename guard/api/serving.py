@@ -2,7 +2,8 @@
 
 Routes stay thin: they parse (`guard.api.schemas`), then call `prepare_chat` or
 `prepare_completion` and `respond`. Chat and text completions share everything but the
-prompt encoding and the body shapes.
+prompt encoding; every body and chunk is built by `guard.api.bodies`, which also
+withholds an abstained answer.
 """
 
 from __future__ import annotations
@@ -13,14 +14,24 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.responses import Response
 
+from guard.api.bodies import (
+    Envelope,
+    Kind,
+    completion,
+    guard_headers,
+    role_chunk,
+    sse,
+    token_chunk,
+    usage_chunk,
+    verdict_chunk,
+)
 from guard.api.deps import Services
 from guard.api.errors import APIError, from_guard_error, invalid, model_not_found
-from guard.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, usage
+from guard.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from guard.decoding import SamplingParams, TokenEvent
 from guard.engine import TokenStream
 from guard.errors import GuardError
@@ -28,7 +39,6 @@ from guard.results import Decision, GenerationResult
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["chat", "text"]
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
 
 
@@ -48,8 +58,10 @@ class Prepared:
     created: int
 
     @property
-    def completion_id(self) -> str:
-        return f"{'chatcmpl' if self.kind == 'chat' else 'cmpl'}-{self.request_id}"
+    def envelope(self) -> Envelope:
+        """Id, time and model every body of this completion shares."""
+        prefix = "chatcmpl" if self.kind == "chat" else "cmpl"
+        return Envelope(self.kind, f"{prefix}-{self.request_id}", self.created, self.model)
 
 
 def check_model(services: Services, model: str | None) -> str:
@@ -204,53 +216,10 @@ class _TokenTimer:
         self._last = now
 
 
-def _answer_text(services: Services, result: GenerationResult) -> tuple[str, str]:
-    """Content and finish reason of a non-streamed answer (abstain replaces the text)."""
-    if result.decision is Decision.ABSTAIN:
-        return services.settings.abstain_message, "content_filter"
-    return result.text, _finish(result)
-
-
-def _finish(result: GenerationResult) -> str:
-    return "stop" if result.finish_reason == "cancelled" else result.finish_reason
-
-
 def _full_response(services: Services, prep: Prepared, result: GenerationResult) -> JSONResponse:
-    content, finish = _answer_text(services, result)
-    if prep.kind == "chat":
-        choice: dict[str, Any] = {
-            "index": 0, "message": {"role": "assistant", "content": content},
-            "finish_reason": finish, "logprobs": None,
-        }  # fmt: skip
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": content, "finish_reason": finish, "logprobs": None}
-        obj = "text_completion"
-    body = {
-        "id": prep.completion_id, "object": obj, "created": prep.created, "model": prep.model,
-        "choices": [choice], "usage": usage(result.prompt_tokens, result.completion_tokens),
-        "guard": result.guard_object(),
-    }  # fmt: skip
-    return JSONResponse(body, headers=result.headers(prep.request_id))
-
-
-def _chunk(
-    prep: Prepared, text: str, finish: str | None, guard: dict[str, Any], *, first: bool = False
-) -> str:
-    if prep.kind == "chat":
-        delta: dict[str, Any] = (
-            {"role": "assistant", "content": text} if first else {"content": text}
-        )
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
-        obj = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        obj = "text_completion"
-    body = {
-        "id": prep.completion_id, "object": obj, "created": prep.created, "model": prep.model,
-        "choices": [choice], "guard": guard,
-    }  # fmt: skip
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+    body = completion(prep.envelope, result, services.settings.abstain_message)
+    headers = guard_headers(result, prep.request_id)
+    return JSONResponse(body.model_dump(mode="json"), headers=headers)
 
 
 async def _sse(services: Services, prep: Prepared, ticket: TokenStream) -> AsyncIterator[str]:
@@ -258,24 +227,21 @@ async def _sse(services: Services, prep: Prepared, ticket: TokenStream) -> Async
     guarded = services.engine is not None and services.engine.guarded
     timer = _TokenTimer(services, prep.started)
     deadline = time.monotonic() + services.settings.request_timeout_s
+    env, role_pending = prep.envelope, prep.kind == "chat"
     try:
-        if prep.kind == "chat":
-            role: dict[str, Any] = {"risk": None, "tokens": [], "guarded": guarded}
-            yield _chunk(prep, "", None, role, first=True)
         while True:
             item = await ticket.next(_left(deadline))
+            if role_pending:  # sent with the first event, so it already carries the scope
+                yield sse(role_chunk(env, item.scope, guarded))
+                role_pending = False
             if isinstance(item, TokenEvent):
                 timer.tick()
-                scope = item.scope.as_json() if item.scope is not None else None
-                guard = {"risk": item.running_risk, "tokens": [item.token.as_json()],
-                         "scope": scope, "guarded": guarded}  # fmt: skip
-                yield _chunk(prep, item.delta, None, guard)
+                yield sse(token_chunk(env, item, guarded))
                 continue
             await _record(services, prep, item)
-            verdict = {**item.guard_object(include_tokens=False), "tokens": []}
-            yield _chunk(prep, item.trailing, _finish(item), verdict)
+            yield sse(verdict_chunk(env, item))
             if prep.include_usage:
-                yield _usage_chunk(prep, item)
+                yield sse(usage_chunk(env, item))
             break
     except TimeoutError:
         yield _error_event(_timeout(services))
@@ -295,15 +261,6 @@ def _error_event(error: APIError) -> str:
 
 def _left(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
-
-
-def _usage_chunk(prep: Prepared, result: GenerationResult) -> str:
-    obj = "chat.completion.chunk" if prep.kind == "chat" else "text_completion"
-    body = {
-        "id": prep.completion_id, "object": obj, "created": prep.created, "model": prep.model,
-        "choices": [], "usage": usage(result.prompt_tokens, result.completion_tokens),
-    }  # fmt: skip
-    return f"data: {json.dumps(body)}\n\n"
 
 
 async def _record(services: Services, prep: Prepared, result: GenerationResult) -> None:

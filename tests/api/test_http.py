@@ -18,8 +18,9 @@ from guard.loading import load_guarded
 from guard.model import LoadedModel
 from guard.probe import load_probe
 from guard.settings import GuardSettings
-from tests.api.conftest import MODEL, AppFactory, services_of
-from tests.guard.tiny_guard import write_probe
+from tests.fixtures.models import TINY_MODEL_ID as MODEL
+from tests.fixtures.probes import write_probe
+from tests.fixtures.servers import AppFactory, services_of
 
 CHAT: dict[str, Any] = {
     "model": MODEL,

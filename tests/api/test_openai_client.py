@@ -8,7 +8,8 @@ from typing import Any
 import openai
 import pytest
 
-from tests.api.conftest import MODEL, LiveServer
+from tests.fixtures.models import TINY_MODEL_ID as MODEL
+from tests.fixtures.servers import LiveServer
 
 
 @pytest.fixture

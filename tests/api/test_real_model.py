@@ -12,8 +12,8 @@ from guard.errors import ProbeError
 from guard.generation import GuardedModel
 from guard.model import LoadedModel
 from guard.probe import load_probe
-from tests.api.conftest import LiveServer
-from tests.guard.tiny_guard import write_probe
+from tests.fixtures.probes import write_probe
+from tests.fixtures.servers import LiveServer
 
 
 @pytest.mark.slow

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,61 +12,31 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.conftest import free_port
-from tests.guard.tiny_guard import tiny_loaded, write_probe
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.fixtures.models import save_tiny_model
+from tests.fixtures.probes import write_probe
+from tests.fixtures.servers import hguard_serve, running
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model saved as a local Hugging Face directory (a valid ``--model`` spec)."""
-    directory = tmp_path_factory.mktemp("tiny-model")
-    loaded = tiny_loaded()
-    loaded.model.save_pretrained(directory)
-    loaded.tokenizer.save_pretrained(directory)
-    return directory
-
-
-def _serve(model_dir: Path, probe: Path, port: int, **env: str) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "guard.cli", "serve", "--model", str(model_dir),
-               "--probe", str(probe), "--port", str(port)]  # fmt: skip
-    environment = {**os.environ, "GUARD_SERVED_MODEL_NAME": "tiny", **env}
-    return subprocess.Popen(
-        command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-    )  # fmt: skip
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture
-def server(model_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def server(model_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     from guard.model import load_model
 
     probe = write_probe(tmp_path / "probe", load_model(str(model_dir)))
-    port = free_port()
-    process = _serve(model_dir, probe, port, GUARD_SHUTDOWN_GRACE_S="60",
-                     GUARD_MAX_NEW_TOKENS="450")  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600  # a slow, shared CI machine: imports alone take a while
-    while True:
-        assert process.poll() is None, process.stdout.read() if process.stdout else ""
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"server did not become ready: {process.communicate()[0][-2000:]}")
-        time.sleep(0.2)
-    yield process, base
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    serving = hguard_serve(model_dir, probe, tmp_path / "serve.log", served_model_name="tiny",
+                           shutdown_grace_s=60, max_new_tokens=450)  # fmt: skip
+    with running(serving):
+        serving.wait_ready(600)  # a slow, shared CI machine: imports alone take a while
+        yield serving.proc, serving.base_url
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_zero(
-    server: tuple[subprocess.Popen[str], str],
+    server: tuple[subprocess.Popen[bytes], str],
 ) -> None:
     """New requests get 503 while an in-flight stream keeps going; the process exits 0."""
     process, base = server
@@ -95,7 +63,9 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(
 
 
 def test_missing_probe_fails_startup_with_a_clear_message(model_dir: Path, tmp_path: Path) -> None:
-    process = _serve(model_dir, tmp_path / "no-probe", free_port())
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode != 0
+    server = hguard_serve(model_dir, tmp_path / "no-probe", tmp_path / "serve.log")
+    with running(server):
+        server.proc.wait(120)
+    output = server.log_text()
+    assert server.proc.returncode != 0
     assert "GUARD_ALLOW_UNGUARDED" in output and "no probe" in output

@@ -2,6 +2,10 @@
 or driver downloads), and the playground interaction the tests and the docs screenshot share.
 
     python -m tests.deploy.browser http://127.0.0.1:8000 docs/playground.png "Who wrote Hamlet?" 32
+    python -m tests.deploy.browser serve docs/playground.png "Who wrote Hamlet?" 32
+
+``serve`` instead of a URL starts ``hguard serve`` (SmolLM2 and the shipped probe) on a
+free loopback port for the screenshot and stops it afterwards (`make playground-png`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.deploy.helpers import tool
+from tests.fixtures.servers import hguard_serve, running
 
 CHROMIUM_FLAGS = (
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -78,6 +83,8 @@ def page_state(driver: webdriver.Chrome) -> dict[str, Any]:
           decision: document.getElementById('verdict').dataset.decision,
           badge: document.getElementById('decision').textContent,
           risk: document.getElementById('risk').textContent,
+          scope: document.getElementById('scope').textContent,
+          note: document.getElementById('note').textContent,
           layers: [...document.querySelectorAll('#layers .bar')].map(b => b.dataset.layer),
           status: document.getElementById('status').textContent,
         };
@@ -87,6 +94,12 @@ def page_state(driver: webdriver.Chrome) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
+    if argv[0] == "serve":  # the shipped probe on the embedded model, as `make serve` runs
+        with tempfile.TemporaryDirectory() as tmp:
+            server = hguard_serve("smollm2", "default", Path(tmp) / "serve.log")
+            with running(server):
+                server.wait_ready()
+                return main([server.base_url, *argv[1:]])
     base, out, question = argv[0], Path(argv[1]), argv[2]
     max_tokens = argv[3] if len(argv) > 3 else ""
     with chromium() as driver:

@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from tests.deploy.browser import ask, chromium, page_state
-from tests.deploy.live import SERVED_NAME, serve, tiny_app
+from tests.deploy.live import SERVED_NAME, tiny_app
+from tests.fixtures.servers import serve_in_thread
 
 pytestmark = pytest.mark.timeout(300)
 QUESTION = "Who wrote the novel Middlemarch?"
@@ -21,7 +22,7 @@ QUESTION = "Who wrote the novel Middlemarch?"
 
 @pytest.fixture(scope="module")
 def guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with serve(tiny_app(tmp_path_factory.mktemp("ui") / "probe")) as base:
+    with serve_in_thread(tiny_app(tmp_path_factory.mktemp("ui") / "probe")) as base:
         yield base
 
 
@@ -61,12 +62,28 @@ def test_a_question_streams_shaded_tokens_and_a_verdict(guard: str, tmp_path: Pa
     assert [t["text"] for t in shown["tokens"]] == [t["text"] for t in tokens]
     assert [t["risk"] for t in shown["tokens"]] == pytest.approx([t["risk"] for t in tokens])
     assert shown["layers"] == sorted(final["layers"], key=int)
+    assert final["scope"] is None and shown["scope"] == "judged (this probe has no scope gate)"
     # every token is shaded, and a riskier token is redder (more red, less green)
     colors = {t["risk"]: rgb(t["color"]) for t in shown["tokens"]}
     assert all(c != (0, 0, 0) for c in colors.values())
     low, high = colors[min(colors)], colors[max(colors)]
     if max(colors) - min(colors) > 0.1:
         assert high[0] - high[1] > low[0] - low[1]
+
+
+@pytest.mark.parametrize("scope_bias", [-50.0, 50.0])
+def test_the_scope_verdict_is_shown(tmp_path: Path, scope_bias: float) -> None:
+    """Thresholds at 0 abstain on every judged answer: out of scope the page says the
+    answer was not judged and why its risk does not count; in scope, that it was judged."""
+    app = tiny_app(tmp_path / "probe", flag=0.0, abstain=0.0, scope_bias=scope_bias)
+    with serve_in_thread(app) as base, chromium() as driver:
+        ask(driver, base, QUESTION)
+        shown = page_state(driver)
+    if scope_bias < 0:
+        assert shown["decision"] == "pass" and shown["scope"].startswith("not judged (p = ")
+        assert "does not count" in shown["scope"] and "outside the probe's scope" in shown["note"]
+    else:
+        assert shown["decision"] == "abstain" and shown["scope"].startswith("judged: ")
 
 
 def test_an_api_error_is_shown_not_swallowed(guard: str) -> None:
@@ -79,7 +96,7 @@ def test_an_api_error_is_shown_not_swallowed(guard: str) -> None:
 
 
 def test_an_unguarded_server_is_shown_as_such() -> None:
-    with serve(tiny_app(None)) as base, chromium() as driver:
+    with serve_in_thread(tiny_app(None)) as base, chromium() as driver:
         ask(driver, base, QUESTION)
         shown = page_state(driver)
     assert shown["badge"] == "unguarded" and shown["tokens"]
@@ -99,7 +116,7 @@ def test_an_unguarded_server_is_shown_as_such() -> None:
 def test_abstentions_are_shown_as_the_guard_decided(
     tmp_path: Path, thresholds: dict[str, Any], badge: str, note: str, withdrawn: bool
 ) -> None:
-    with serve(tiny_app(tmp_path / "probe", **thresholds)) as base, chromium() as driver:
+    with serve_in_thread(tiny_app(tmp_path / "probe", **thresholds)) as base, chromium() as driver:
         ask(driver, base, QUESTION)
         shown = page_state(driver)
         classes = driver.find_element("id", "answer").get_attribute("class") or ""

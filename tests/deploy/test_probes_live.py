@@ -12,8 +12,9 @@ import httpx
 import pytest
 
 from tests.deploy.helpers import K8S_DIR, load_yaml_all
-from tests.deploy.live import serve, tiny_app
+from tests.deploy.live import tiny_app
 from tests.deploy.test_dockerfile import final_stage
+from tests.fixtures.servers import serve_in_thread
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,7 +24,7 @@ def test_image_healthcheck_and_pod_probes_pass_on_a_running_guard(tmp_path: Path
     command = json.loads(re.search(r"CMD (\[.*\])", healthcheck).group(1))  # type: ignore[union-attr]
     (deployment,) = load_yaml_all(K8S_DIR / "deployment.yaml")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    with serve(tiny_app(tmp_path / "probe")) as base:
+    with serve_in_thread(tiny_app(tmp_path / "probe")) as base:
         port = base.rsplit(":", 1)[1]
         assert command[0] == "python"
         exec_form = [sys.executable, *command[1:]]

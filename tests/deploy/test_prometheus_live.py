@@ -28,7 +28,8 @@ from tests.deploy.helpers import (
     tool,
     unknown_metric_names,
 )
-from tests.deploy.live import SERVED_NAME, free_port, serve, tiny_app, wait_until_ok
+from tests.deploy.live import SERVED_NAME, tiny_app
+from tests.fixtures.servers import free_port, serve_in_thread, wait_until_ok
 
 pytestmark = pytest.mark.timeout(300)
 REQUESTS = 6
@@ -108,7 +109,7 @@ def prometheus(tmp: Path, guard: str) -> Iterator[PrometheusAPI]:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, PrometheusAPI]]:
     """(guard base URL, Prometheus API) with the guard scraped every second."""
     tmp = tmp_path_factory.mktemp("prometheus")
-    with serve(tiny_app(tmp / "probe")) as guard, prometheus(tmp, guard) as prom:
+    with serve_in_thread(tiny_app(tmp / "probe")) as guard, prometheus(tmp, guard) as prom:
         yield guard, prom
 
 
@@ -212,7 +213,7 @@ def test_the_rules_evaluate_on_live_data_without_errors(stack: tuple[str, Promet
 
 def test_a_stopped_guard_raises_the_target_down_alert(tmp_path: Path) -> None:
     guard_running = ExitStack()
-    guard = guard_running.enter_context(serve(tiny_app(tmp_path / "probe")))
+    guard = guard_running.enter_context(serve_in_thread(tiny_app(tmp_path / "probe")))
     try:
         with prometheus(tmp_path, guard) as prom:
             prom.wait_for('up{job="hguard"}', 1)

@@ -8,7 +8,7 @@ from guard.errors import ProbeError
 from guard.generation import GuardedModel
 from guard.model import LoadedModel
 from guard.probe import load_probe
-from tests.guard.tiny_guard import write_probe
+from tests.fixtures.probes import write_probe
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,8 @@ from guard.generation import GuardedModel
 from guard.metrics import GuardMetrics
 from guard.probe import load_probe
 from guard.results import GenerationResult
-from tests.guard.tiny_guard import tiny_loaded, write_probe
+from tests.fixtures.models import tiny_loaded
+from tests.fixtures.probes import write_probe
 
 LONG = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
 SHORT = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)

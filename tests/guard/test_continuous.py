@@ -17,9 +17,9 @@ from guard.generation import GuardedModel
 from guard.model import LoadedModel, fingerprint_model
 from guard.probe import load_probe
 from guard.results import GenerationResult
+from tests.fixtures.models import ARCHITECTURES, VOCAB, byte_tokenizer, tiny_loaded, tiny_model
+from tests.fixtures.probes import write_probe
 from tests.guard.sinks import Sink
-from tests.guard.tiny_guard import tiny_loaded, tiny_tokenizer, write_probe
-from tests.guard.tiny_models import ARCHITECTURES, VOCAB, tiny_model
 
 MAX = 6  # tokens of the request the others join or leave
 RNG = np.random.default_rng(3)
@@ -45,10 +45,10 @@ def _guarded(kind: str, directory: Path, **probe: object) -> GuardedModel:
     model.generation_config.eos_token_id = None
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(8.0)
-    tokenizer = tiny_tokenizer()
+    tokenizer = byte_tokenizer()
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)  # padding must embed
     loaded = LoadedModel(model, tokenizer, fingerprint_model(model), f"tiny-{kind}", "tiny")
-    settings = {"scope_bias": 0.0, "neurons": (3, 17, 5, 40, 47), **probe}  # gate: mixed verdicts
+    settings = {"scope_bias": 0.0, **probe}  # gate: mixed verdicts
     path = write_probe(directory, loaded, **settings)  # type: ignore[arg-type]
     return GuardedModel(loaded, load_probe(path))
 

@@ -12,8 +12,8 @@ from guard.forcing import teacher_force
 from guard.neurons import NeuronCapture
 from guard.probe import Stacker, load_probe
 from guard.scoring import AnswerStats, RiskScorer, RunningStats, logit_statistics
-from tests.guard.probe_fixtures import write_probe
-from tests.guard.tiny_models import tiny_model
+from tests.fixtures.models import tiny_model
+from tests.fixtures.probes import write_probe
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "opt"])
@@ -57,7 +57,7 @@ def test_running_stats_equal_pooled_stats_at_every_prefix() -> None:
 
 def test_answer_probe_logit_is_the_linear_probe_on_mean_cett(tmp_path: Path) -> None:
     model = tiny_model("llama")
-    write_probe(model, tmp_path / "p")
+    write_probe(tmp_path / "p", model, seed=0)
     probe = load_probe(tmp_path / "p")
     scorer = RiskScorer(probe)
     trace = teacher_force(
@@ -86,7 +86,7 @@ def test_stacker_combines_probe_and_logit_statistics(tmp_path: Path) -> None:
     stacker = Stacker(
         probe_coef=2.0, coef={"max_entropy": 0.5, "min_logprob": -1.0}, intercept=-1.0
     )
-    write_probe(model, tmp_path / "p", stacker=stacker)
+    write_probe(tmp_path / "p", model, seed=0, stacker=stacker)
     scorer = RiskScorer(load_probe(tmp_path / "p"))
     stats = AnswerStats(0.3, 4, -1.0, -2.5, 1.0, 3.0)
     z = -1.0 + 2.0 * 0.3 + 0.5 * 3.0 - 1.0 * -2.5

@@ -14,8 +14,9 @@ from guard.generation import GuardedModel
 from guard.model import LoadedModel
 from guard.policy import Decision
 from guard.probe import load_probe
+from tests.fixtures.models import byte_tokenizer, tiny_loaded
+from tests.fixtures.probes import write_probe
 from tests.guard.sinks import Sink
-from tests.guard.tiny_guard import tiny_loaded, tiny_tokenizer, write_probe
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 QUESTIONS = ["What is the capital of France?", "Hi", "Name a large river in South America, please."]
@@ -44,9 +45,8 @@ def test_generation_scores_every_token_and_decides(guarded: GuardedModel) -> Non
     assert result.risk == pytest.approx(events[-1].running_risk)
     assert result.decision is guarded.policy.decide(result.risk)
     assert sum(abs(v) for v in result.layers.values()) == pytest.approx(1.0)
-    obj = result.guard_object()
-    assert obj["guarded"] is True and obj["probe"]["name"] == "tiny-probe"
-    assert obj["decision"] == result.decision.value and len(obj["tokens"]) == 12
+    assert result.info.guarded and result.info.probe_name == "tiny-probe"
+    assert [t.token_id for t in result.tokens] == [e.token.token_id for e in events]
 
 
 def test_teacher_forced_score_equals_generated_risk(guarded: GuardedModel) -> None:
@@ -108,7 +108,7 @@ def test_stop_string_cuts_the_text(guarded: GuardedModel) -> None:
 
 
 def test_text_tracker_holds_back_possible_stop_prefixes() -> None:
-    tokenizer = tiny_tokenizer()
+    tokenizer = byte_tokenizer()
     tracker = TextTracker(tokenizer, ["XYZ"])
     deltas = [tracker.push(i) for i in tokenizer("abXY", add_special_tokens=False)["input_ids"]]
     assert "".join(deltas) == "ab" and tracker.flush() == "XY"
@@ -166,7 +166,7 @@ def test_unguarded_generation_has_no_risk(tiny: LoadedModel) -> None:
     guarded = GuardedModel(tiny, None)
     result = guarded.generate(_prompt(guarded, "Hi"), GREEDY)
     assert result.risk is None and result.decision is Decision.PASS
-    assert result.guard_object()["guarded"] is False
+    assert not result.info.guarded
     assert guarded.score_ids(_prompt(guarded, "Hi"), result.token_ids).risk is None
 
 

@@ -24,7 +24,7 @@ def test_saved_hf_directory_loads(tmp_path: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from tests.guard.tiny_models import tiny_model
+    from tests.fixtures.models import tiny_model
 
     vocab = {f"w{i}": i for i in range(97)}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="w0"))

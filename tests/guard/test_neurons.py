@@ -8,7 +8,7 @@ from torch import nn
 
 from guard.errors import CaptureError, UnsupportedArchitectureError
 from guard.neurons import NeuronCapture, find_mlp_layers
-from tests.guard.tiny_models import ARCHITECTURES, tiny_model
+from tests.fixtures.models import ARCHITECTURES, tiny_model
 
 
 def _mlp_io(model: nn.Module, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

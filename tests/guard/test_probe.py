@@ -19,14 +19,13 @@ from guard.probe import (
     load_probe,
     sha256_file,
 )
-from tests.guard.probe_fixtures import write_probe
-from tests.guard.tiny_models import tiny_model
+from tests.fixtures.models import tiny_model
+from tests.fixtures.probes import write_probe
 
 
 @pytest.fixture
 def probe_dir(tmp_path: Path) -> Path:
-    write_probe(tiny_model("llama"), tmp_path / "probe")
-    return tmp_path / "probe"
+    return write_probe(tmp_path / "probe", tiny_model("llama"), seed=0)
 
 
 def test_round_trip_and_fingerprint(probe_dir: Path) -> None:

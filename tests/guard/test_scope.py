@@ -18,8 +18,8 @@ from guard.model import LoadedModel
 from guard.policy import Decision
 from guard.probe import SCOPE_FILE, load_probe
 from guard.scope import FinalHiddenCapture, ScopeGate
-from tests.guard.tiny_guard import tiny_loaded, write_probe
-from tests.guard.tiny_models import ARCHITECTURES, tiny_model
+from tests.fixtures.models import ARCHITECTURES, tiny_loaded, tiny_model
+from tests.fixtures.probes import write_probe
 
 QUESTION = [{"role": "user", "content": "Which river flows through Cairo?"}]
 
@@ -76,7 +76,6 @@ def test_format_1_artifact_without_gate_still_loads(loaded: LoadedModel, tmp_pat
     assert probe.scope is None
     result = GuardedModel(loaded, probe).score(messages=QUESTION, answer="The Nile")
     assert result.scope is None and result.in_scope
-    assert result.guard_object()["scope"] is None
 
 
 def test_gate_for_another_hidden_size_is_refused(tmp_path: Path) -> None:
@@ -106,8 +105,7 @@ def test_out_of_scope_is_reported_but_never_flagged(loaded: LoadedModel, tmp_pat
     assert passed.completion_tokens == 6 and passed.risk is not None  # still measured
     assert judged.scope is not None and judged.scope.in_scope
     assert judged.decision is Decision.ABSTAIN and judged.aborted
-    body = passed.guard_object()
-    assert body["scope"] == {"in_scope": False, "score": pytest.approx(0.0, abs=1e-9)}
+    assert passed.scope.score == pytest.approx(0.0, abs=1e-9)
     scored = out.score(messages=QUESTION, answer="The Nile")
     assert scored.decision is Decision.PASS and not scored.in_scope
 

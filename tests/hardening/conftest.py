@@ -21,8 +21,8 @@ from tests.api.conftest import (  # noqa: F401 - fixtures shared with the API te
     tiny_model,
     tiny_probe_dir,
 )
-from tests.guard.tiny_guard import tiny_loaded, write_probe
-from tests.hardening.helpers import save_tiny_model
+from tests.fixtures.models import save_tiny_model, tiny_loaded
+from tests.fixtures.probes import write_probe
 
 STEP_SECONDS = 0.02  # a forward pass of the slowed model takes at least this long
 

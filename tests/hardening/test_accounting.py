@@ -21,8 +21,8 @@ from guard.decoding import SamplingParams
 from guard.generation import GuardedModel
 from guard.loading import configured
 from guard.settings import GuardSettings
-from tests.api.conftest import MODEL
-from tests.hardening.helpers import serve_in_thread, sse_events
+from tests.fixtures.models import TINY_MODEL_ID as MODEL
+from tests.fixtures.servers import serve_in_thread, sse_events
 
 REQUESTS = 90
 MAX_TOKENS = 6

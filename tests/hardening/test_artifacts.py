@@ -14,9 +14,11 @@ import httpx
 import pytest
 
 from guard.probe import MANIFEST_FILE, WEIGHTS_FILE
-from tests.guard.tiny_guard import write_probe
+from tests.fixtures.models import save_tiny_model
+from tests.fixtures.probes import write_probe
+from tests.fixtures.servers import hguard_serve, running, sse_events
 from tests.hardening.conftest import ProbeFactory
-from tests.hardening.helpers import hguard_serve, running, sample, save_tiny_model, sse_events
+from tests.hardening.helpers import sample
 
 SERVED = "tiny"
 START_LIMIT_S = 180.0  # generous: CI machines share 2 cores; unloaded it takes ~5-10 s

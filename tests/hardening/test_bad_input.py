@@ -15,8 +15,9 @@ from prometheus_client import CollectorRegistry
 from guard.api.app import create_app
 from guard.generation import GuardedModel
 from guard.settings import GuardSettings
-from tests.api.conftest import MODEL
-from tests.hardening.helpers import is_openai_error, serve_in_thread
+from tests.fixtures.models import TINY_MODEL_ID as MODEL
+from tests.fixtures.servers import serve_in_thread
+from tests.hardening.helpers import is_openai_error
 
 CHAT = "/v1/chat/completions"
 TEXT = "/v1/completions"
@@ -147,6 +148,15 @@ CASES: list[tuple[str, str, Any, int, tuple[str, ...]]] = [
         ("one prompt per request",),
     ),
     ("text: best_of > 1", TEXT, {"model": MODEL, "prompt": "a", "best_of": 2}, 400, ("best_of",)),
+    ("text: echo", TEXT, {"model": MODEL, "prompt": "a", "echo": True}, 400, ("echo",)),
+    ("score: neither form", SCORE, {"model": MODEL}, 400, ("either", "question", "messages")),
+    (
+        "score: an empty message",
+        SCORE,
+        {"messages": [*HI, {"role": "assistant", "content": ""}]},
+        400,
+        ("messages",),
+    ),
     ("score: empty answer", SCORE, {"question": "q?", "answer": ""}, 400, ("answer", "empty")),
     ("score: missing answer", SCORE, {"question": "q?"}, 400, ("answer",)),
     (
@@ -199,6 +209,15 @@ def test_bad_request_is_a_clear_4xx_and_the_server_keeps_serving(
         assert elapsed < 5.0, f"a bad request took {elapsed:.1f} s to refuse"
         ok = client.post(CHAT, json=chat(max_tokens=2, temperature=0))
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_vanishing_temperature_samples_like_greedy(base_url: str) -> None:
+    """Valid, and at the edge: a temperature too small to divide by is sampling's limit."""
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        tiny = client.post(CHAT, json=chat(max_tokens=4, temperature=1e-308, seed=1))
+        greedy = client.post(CHAT, json=chat(max_tokens=4, temperature=0))
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"] == greedy.json()["choices"]
 
 
 def test_chunked_oversized_body_is_refused(base_url: str) -> None:

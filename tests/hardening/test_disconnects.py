@@ -17,8 +17,9 @@ from prometheus_client import CollectorRegistry
 from guard.api.app import create_app
 from guard.generation import GuardedModel
 from guard.settings import GuardSettings
-from tests.api.conftest import MODEL
-from tests.hardening.helpers import sample, serve_in_thread, sse_events
+from tests.fixtures.models import TINY_MODEL_ID as MODEL
+from tests.fixtures.servers import serve_in_thread, sse_events
+from tests.hardening.helpers import sample
 
 MAX_TOKENS = 150  # ~3 s per stream at the slowed model's 20 ms per step
 DROPS = 24

@@ -1,8 +1,11 @@
 """Schemathesis against the live ``/openapi.json``: every route, valid and invalid inputs.
 
-No 5xx, every error in OpenAI's error shape, every status, content type and body as the
-schema declares. Bounded: a low GUARD_MAX_NEW_TOKENS, a fixed number of examples per
-operation and a deterministic seed, so it runs in well under a minute on two cores.
+Every check ``st run --checks all`` runs (among them: no 5xx; every status, content type,
+header and body, stream events included, as the schema declares; schema-invalid requests
+refused, schema-valid ones accepted), plus OpenAI's error shape on every error. Bounded: a
+low GUARD_MAX_NEW_TOKENS, a fixed number of examples per operation and a deterministic
+seed, so it runs in about a minute on two cores. The other limits are the defaults, as
+an independent run against ``hguard serve`` would meet them.
 """
 
 from __future__ import annotations
@@ -16,27 +19,36 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from prometheus_client import CollectorRegistry
 from schemathesis import GenerationMode
-from schemathesis.checks import (
-    not_a_server_error,
-)
+from schemathesis.checks import CHECKS as REGISTERED_CHECKS
+from schemathesis.checks import load_all_checks, not_a_server_error
 from schemathesis.specs.openapi.checks import (
+    allow_header_conformance,
     content_type_conformance,
+    ensure_resource_availability,
+    ignored_auth,
+    missing_required_header,
     negative_data_rejection,
+    object_level_authorization,
+    positive_data_acceptance,
+    response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
+    unsupported_method,
+    use_after_free,
 )
 
 from guard.api.app import create_app
 from guard.generation import GuardedModel
 from guard.settings import GuardSettings
-from tests.hardening.helpers import is_openai_error, serve_in_thread
+from tests.fixtures.servers import serve_in_thread
+from tests.hardening.helpers import is_openai_error
 
 EXAMPLES_PER_OPERATION = 40
 
 
 @pytest.fixture(scope="module")
 def fuzz_url(tiny_guarded: GuardedModel) -> Iterator[str]:
-    settings = GuardSettings(max_new_tokens=3, max_prompt_tokens=256, max_body_bytes=65_536)
+    settings = GuardSettings(max_new_tokens=3)
     app = create_app(settings, guarded=tiny_guarded, registry=CollectorRegistry())
     with serve_in_thread(app) as url:
         yield url
@@ -61,14 +73,20 @@ def openai_error_shape(
     return None
 
 
-CHECKS = [
-    not_a_server_error,
-    status_code_conformance,
-    content_type_conformance,
-    response_schema_conformance,
-    negative_data_rejection,
-    openai_error_shape,
-]
+SCHEMATHESIS_CHECKS = [  # what `st run --checks all` runs
+    not_a_server_error, status_code_conformance, content_type_conformance,
+    response_headers_conformance, response_schema_conformance, negative_data_rejection,
+    positive_data_acceptance, missing_required_header, unsupported_method,
+    allow_header_conformance, use_after_free, ensure_resource_availability, ignored_auth,
+    object_level_authorization,
+]  # fmt: skip
+CHECKS = [*SCHEMATHESIS_CHECKS, openai_error_shape]
+
+
+def test_every_schemathesis_check_is_run() -> None:
+    load_all_checks()
+    names = {check.__name__ for check in SCHEMATHESIS_CHECKS}
+    assert names == set(REGISTERED_CHECKS.get_all_names())
 
 
 EXPECTED_ROUTES = {

@@ -17,8 +17,9 @@ from prometheus_client import CollectorRegistry
 from guard.api.app import create_app
 from guard.generation import GuardedModel
 from guard.settings import GuardSettings
-from tests.api.conftest import MODEL
-from tests.hardening.helpers import is_openai_error, serve_in_thread
+from tests.fixtures.models import TINY_MODEL_ID as MODEL
+from tests.fixtures.servers import serve_in_thread
+from tests.hardening.helpers import is_openai_error
 
 QUEUE = 4
 MAX_BATCH = 2

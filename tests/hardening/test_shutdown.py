@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from tests.hardening.helpers import ServerProcess, hguard_serve, running, sse_events
+from tests.fixtures.servers import ServerProcess, hguard_serve, running, sse_events
 
 SERVED = "tiny"
 STREAMS = 4

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.hardening.helpers import REPO, server_env
+from tests.fixtures.servers import REPO, server_env
 
 
 def test_short_soak(tiny_model_dir: Path, disk_probe: Path, tmp_path: Path) -> None:

@@ -15,15 +15,12 @@ from probes.collect import read_answers
 from probes.evaluate import score_records, score_store
 from probes.extract import FeatureStore
 from probes.train import split_rows
-from tests.probes.tiny_pipeline import save_tiny_model, tiny_build_config, write_questions
+from tests.probes.tiny_pipeline import tiny_build_config
 
 
 @pytest.fixture(scope="module")
 def tiny_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[BuildConfig, str]:
-    root = tmp_path_factory.mktemp("tiny_build")
-    model_dir = save_tiny_model(root / "model")
-    dataset = write_questions(model_dir, root / "qa.jsonl")
-    config = tiny_build_config(model_dir, dataset, root / "probe")
+    config = tiny_build_config(tmp_path_factory.mktemp("tiny_build"))
     return config, build(config)
 
 

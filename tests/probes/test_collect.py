@@ -14,7 +14,7 @@ from guard.probe import PromptRecipe
 from probes.collect import AnswerRecord, CollectError, collect_answers, read_answers
 from probes.datasets import QAItem, split_of
 from probes.judge import judge
-from tests.probes.tiny import tiny_loaded
+from tests.fixtures.models import tiny_loaded
 
 RECIPE = PromptRecipe(max_new_tokens=6)
 QUESTIONS = [
@@ -31,7 +31,7 @@ QUESTIONS = [
 @pytest.fixture(scope="module")
 def loaded() -> LoadedModel:
     """The tiny model, its end-of-turn logit raised so that some answers stop early."""
-    tiny = tiny_loaded(seed=3)
+    tiny = tiny_loaded(seed=3, tokenizer="bpe", sharpen=False)
     eos = int(tiny.tokenizer.eos_token_id)
     with torch.no_grad():
         head = tiny.model.get_output_embeddings().weight

@@ -21,7 +21,7 @@ from probes.metrics import (
     risk_coverage,
     score_metrics,
 )
-from tests.probes.tiny_pipeline import save_tiny_model, tiny_build_config, write_questions
+from tests.probes.tiny_pipeline import tiny_build_config
 
 
 def test_auroc_on_known_orderings() -> None:
@@ -131,10 +131,7 @@ def test_score_metrics_refuses_nan_scores() -> None:
 @pytest.fixture(scope="module")
 def tiny_probe(tmp_path_factory: pytest.TempPathFactory) -> tuple[BuildConfig, str]:
     """A real artifact for a tiny random model (its thresholds and stacker feed the report)."""
-    root = tmp_path_factory.mktemp("tiny_eval")
-    model_dir = save_tiny_model(root / "model")
-    dataset = write_questions(model_dir, root / "qa.jsonl")
-    config = tiny_build_config(model_dir, dataset, root / "probe")
+    config = tiny_build_config(tmp_path_factory.mktemp("tiny_eval"))
     return config, build(config.model_copy(update={"sparsity_curve": False}))
 
 

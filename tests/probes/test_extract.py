@@ -19,7 +19,7 @@ from probes.collect import AnswerRecord, collect_answers
 from probes.datasets import load_questions, split_of
 from probes.extract import KINDS, FeatureStore, FeatureStoreError, extract_features
 from tests.conftest import TRIVIAQA
-from tests.probes.tiny import tiny_loaded
+from tests.fixtures.models import tiny_loaded
 
 # (response text, answer token span, correct, consistent); "" has no tokens and is skipped
 ANSWERS = [
@@ -35,7 +35,7 @@ ANSWERS = [
 
 @pytest.fixture(scope="module")
 def loaded() -> LoadedModel:
-    return tiny_loaded(seed=5)
+    return tiny_loaded(seed=5, tokenizer="bpe", sharpen=False)
 
 
 def make_records(loaded: LoadedModel) -> list[AnswerRecord]:

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from probes.judge import Judgement, answer_token_span, judge, normalize_answer, token_char_spans
-from tests.probes.tiny import tiny_tokenizer
+from probes.judge import (
+    Judgement,
+    answer_token_span,
+    is_refusal,
+    judge,
+    normalize_answer,
+    token_char_spans,
+)
+from tests.fixtures.models import bpe_tokenizer
 
 
 @pytest.mark.parametrize(
@@ -84,7 +91,7 @@ def test_empty_response_and_empty_aliases_are_incorrect() -> None:
 
 
 def test_token_char_spans_tile_the_decoded_text() -> None:
-    tokenizer = tiny_tokenizer()
+    tokenizer = bpe_tokenizer()
     text = "Café in Zürich, 1,000 km: ☃ naïve"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     spans = token_char_spans(tokenizer, ids)
@@ -98,7 +105,7 @@ def test_token_char_spans_tile_the_decoded_text() -> None:
 
 
 def test_answer_token_span_covers_the_matched_text() -> None:
-    tokenizer = tiny_tokenizer()
+    tokenizer = bpe_tokenizer()
     response = "I think Zürich, Switzerland."
     ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     verdict = judge(response, ["Zurich"])
@@ -113,7 +120,7 @@ def test_answer_token_span_covers_the_matched_text() -> None:
 
 
 def test_answer_token_span_none_without_match() -> None:
-    tokenizer = tiny_tokenizer()
+    tokenizer = bpe_tokenizer()
     ids = tokenizer("Paris", add_special_tokens=False)["input_ids"]
     assert answer_token_span(tokenizer, ids, None) is None
     assert answer_token_span(tokenizer, [], (0, 3)) is None
@@ -128,3 +135,54 @@ def test_aliases_that_only_repeat_the_question_do_not_count() -> None:
     assert verdict.correct and verdict.alias == "ty cobb"
     # Words of the alias elsewhere in the question do not drop it: only the whole alias.
     assert judge("It is Baghdad.", ["Baghdad"], "What is the capital of Iraq?").correct
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        "I don't know.",
+        "I’m not sure who that is.",
+        "I'm not aware of any country called the Republic of Tarvania.",
+        "I couldn't find any information about Blake Bourne.",
+        "I could not find any records of that novel.",
+        "There is no country called Tarvania. Perhaps you mean Tanzania?",
+        "There is no such element.",
+        "There's no record of a battle by that name.",
+        "The Treaty of Velmora does not exist.",
+        "Sorry, I don't have any information on that person.",
+        "I have no information about Marcus Quenlow.",
+        "I am not familiar with the Quenlor tree frog. Could you give me more context?",
+        "Velorium is not a real chemical element.",
+        "No information is available about this company.",
+        "The author of that poem is unknown.",
+        "I cannot provide details about that film, but I can help with something else.",
+    ],
+)
+def test_refusals_are_recognised_and_never_hallucinated(response: str) -> None:
+    verdict = judge(response, ["Nova Haven"], "What is the capital of Tarvania?")
+    assert is_refusal(response)
+    assert verdict.refusal and not verdict.correct and not verdict.hallucinated
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        "The capital of Tarvania is Nova Haven.",
+        "Blake Bourne is a British actor. He was not sure of his career at first.",
+        "There is no doubt that Marcus Quenlow was the greatest painter of his age.",
+        "I'm not sure, but I think it is Lyon.",
+        "Marcus Quenlow (1902-1977) was a physicist. He did not know his father.",
+        "The Velmora Accord was signed in 1848. Its author is unknown.",  # refusal too late
+        "I Don't Know How To Love Him is a 1990s American sitcom.",  # a title
+        "I'm not sure I'd say that, Bob Dylan. He's a great artist.",
+        "",
+    ],
+)
+def test_answers_are_not_refusals(response: str) -> None:
+    assert not is_refusal(response)
+    assert judge(response, ["Paris"]).hallucinated
+
+
+def test_a_correct_answer_with_a_hedge_is_correct() -> None:
+    verdict = judge("I don't know for certain, but I believe it is Paris.", ["Paris"])
+    assert verdict.correct and not verdict.hallucinated

@@ -20,7 +20,7 @@ from probes.scope import (
     load_open_prompts,
     question_variants,
 )
-from tests.guard.tiny_guard import tiny_loaded
+from tests.fixtures.models import tiny_loaded
 
 SUBJECTS = ["France", "Peru", "Kenya", "Japan", "Chile", "Norway", "Egypt", "Nepal", "Cuba"]
 

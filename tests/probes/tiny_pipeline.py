@@ -1,8 +1,8 @@
 """A tiny end-to-end set-up: a saved random Llama and a QA file it answers half right.
 
-The random model's greedy answers are collected once; the gold alias of every other
-question is then set to the first word the model answered, so the judge finds both
-classes in every split without a real model.
+The random model (BPE tokenizer, LM head as initialised) answers greedily once; the gold alias of
+every other question is then set to the first word the model answered, so the judge finds
+both classes in every split without a real model.
 """
 
 from __future__ import annotations
@@ -17,17 +17,10 @@ from probes.collect import collect_answers
 from probes.datasets import QAItem, split_of
 from probes.judge import normalize_answer
 from probes.train import TrainConfig
-from tests.probes.tiny import tiny_loaded
+from tests.fixtures.models import save_tiny_model
 
 RECIPE = PromptRecipe(max_new_tokens=6)
 WORDS = ["Paris", "France", "Hamlet", "tower", "capital", "Belsen", "city", "wrote"]
-
-
-def save_tiny_model(directory: Path) -> Path:
-    loaded = tiny_loaded(seed=3)
-    loaded.model.save_pretrained(directory)
-    loaded.tokenizer.save_pretrained(directory)
-    return directory
 
 
 def write_questions(model_dir: Path, path: Path, n: int = 90) -> Path:
@@ -52,10 +45,13 @@ def write_questions(model_dir: Path, path: Path, n: int = 90) -> Path:
     return path
 
 
-def tiny_build_config(model_dir: Path, dataset: Path, out: Path) -> BuildConfig:
+def tiny_build_config(root: Path) -> BuildConfig:
+    """Under ``root``: the saved model, its QA file and where the probe goes."""
+    model_dir = save_tiny_model(root / "model", seed=3, tokenizer="bpe", sharpen=False)
+    dataset = write_questions(model_dir, root / "qa.jsonl")
     return BuildConfig(
         dataset=dataset,
-        out=out,
+        out=root / "probe",
         model=str(model_dir),
         batch_size=16,
         prompt=RECIPE,

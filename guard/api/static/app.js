@@ -114,6 +114,26 @@ function renderThresholds(thresholds) {
   $("thresholds").textContent = parts.join(", ") || "–";
 }
 
+// The scope gate: only short factual questions are judged; elsewhere the risk is shown
+// but does not count (the answer passes). `null`: the probe has no gate, all is judged.
+function judged(scope) {
+  return !scope || scope.in_scope !== false;
+}
+
+function renderScope(scope) {
+  const cell = $("scope");
+  cell.dataset.judged = String(judged(scope));
+  $("verdict").dataset.judged = String(judged(scope));
+  if (!scope) {
+    cell.textContent = "judged (this probe has no scope gate)";
+  } else if (scope.in_scope) {
+    cell.textContent = `judged: a short factual question (p = ${fmt(scope.score)})`;
+  } else {
+    cell.textContent = `not judged (p = ${fmt(scope.score)} of a short factual question): ` +
+      "the probe was trained on those only, so this risk does not count";
+  }
+}
+
 function renderLayers(layers) {
   const box = $("layers");
   const entries = Object.entries(layers || {})
@@ -148,6 +168,8 @@ function renderVerdict(guard, finishReason) {
   $("decision").textContent = guard.guarded === false ? "unguarded"
     : guard.aborted ? `${decision} (stopped mid-answer)` : decision;
   renderRisk(guard.risk);
+  if (guard.guarded === false) $("scope").textContent = "nothing is judged (unguarded)";
+  else renderScope(guard.scope);
   renderThresholds(guard.thresholds);
   if (guard.probe) $("probe").textContent = `${guard.probe.name} · ${String(guard.probe.sha256 || "").slice(0, 12)}`;
   renderLayers(guard.layers);
@@ -155,7 +177,10 @@ function renderVerdict(guard, finishReason) {
   answer.dataset.state = "done";
   let note = "";
   if (guard.guarded === false) note = "The server runs unguarded: no risk was computed.";
-  else if (decision === "abstain" && guard.aborted) {
+  else if (!judged(guard.scope)) {
+    note = "Not judged: the question is outside the probe's scope, so the answer passes " +
+      "whatever its risk.";
+  } else if (decision === "abstain" && guard.aborted) {
     note = `Generation was stopped: the running risk crossed the abort threshold (finish_reason ${finishReason || "content_filter"}).`;
   } else if (decision === "abstain") {
     note = "The final risk crossed the abstain threshold: a client must withdraw this answer.";
@@ -174,6 +199,7 @@ function handleChunk(chunk) {
   if (guard) {
     for (const token of guard.tokens || []) state.tokens.push(token);
     if (typeof guard.risk === "number") renderRisk(guard.risk);
+    if ("scope" in guard && guard.guarded !== false) renderScope(guard.scope);
     if (guard.thresholds) renderThresholds(guard.thresholds);
   }
   renderAnswer();
@@ -211,6 +237,9 @@ function reset() {
   $("note").textContent = "";
   $("verdict").dataset.decision = "none";
   $("verdict").dataset.guarded = "true";
+  $("verdict").dataset.judged = "true";
+  $("scope").textContent = "–";
+  $("scope").dataset.judged = "";
   $("decision").textContent = "answering…";
   $("layers").replaceChildren();
   renderRisk(0);
