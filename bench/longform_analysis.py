@@ -19,13 +19,13 @@ from longform_report import markdown_table, select_design  # bench/ is on sys.pa
 from guard.probe import STAT_NAMES, load_probe
 from guard.scope import ScopeGate
 from guard.scoring import RiskScorer
+from guard.spans import answer_sentences
 from probes.calibration import apply_stacker, fit_calibrator, fit_stacker
 from probes.collect import AnswerRecord, read_answers, rejudge
 from probes.judge import judge
 from probes.knowledge import KnowledgeFit, fit_knowledge_probe
 from probes.longform import (
     AnswerTrace,
-    answer_sentences,
     load_traces,
     pooled_logits,
     sentence_risks,

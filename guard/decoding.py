@@ -40,6 +40,7 @@ from guard.results import FinishReason, GenerationResult, GuardInfo, ScopeVerdic
 from guard.sampling import SamplingParams, TextTracker, sample_next
 from guard.scope import ScopeGate
 from guard.scoring import RiskScorer, RunningStats
+from guard.spans import scored_spans
 
 __all__ = [
     "DecodeEngine",
@@ -123,6 +124,7 @@ class _Row:
     generator: torch.Generator | None
     running: RunningStats = field(default_factory=RunningStats)
     tokens: list[TokenRisk] = field(default_factory=list)
+    values: list[tuple[float, float, float]] = field(default_factory=list)  # s, logprob, entropy
     layer_sums: np.ndarray | None = None
     pending: tuple[int, float, float] | None = None  # sampled, not yet fed: id, logprob, entropy
     scope: ScopeVerdict | None = None
@@ -157,6 +159,7 @@ class _Row:
             parts = np.asarray(measured[1:], dtype=np.float64)
             self.layer_sums = parts if self.layer_sums is None else self.layer_sums + parts
             self.running.update(s, logprob, entropy)
+            self.values.append((s, logprob, entropy))
             risk = scorer.token_risk(s, logprob, entropy, index)
             running = scorer.answer_risk(self.running.stats())
         text = str(self.engine.tokenizer.decode([token_id], skip_special_tokens=True))
@@ -181,14 +184,19 @@ class _Row:
 
     def _result(self, reason: FinishReason, aborted: bool) -> GenerationResult:
         engine, scorer = self.engine, self.engine.scorer
-        risk, layers = None, {}
+        risk, layers, spans = None, {}, []
         if scorer is not None and self.layer_sums is not None:  # at least one token scored
             risk = scorer.answer_risk(self.running.stats())
             layers = scorer.layer_shares(self.layer_sums, self.running.length)
+            ids = [token.token_id for token in self.tokens]
+            s, logprob, entropy = np.asarray(self.values, dtype=np.float64).T
+            text_length = len(self.tracker.text)
+            spans = scored_spans(scorer, engine.tokenizer, ids, s, logprob, entropy, text_length)
         return GenerationResult(
             info=engine.info, risk=risk,
             decision=engine.policy.decide(risk, scope=self.scope, aborted=aborted),
             tokens=list(self.tokens), layers=layers, aborted=aborted, scope=self.scope,
+            spans=spans,
             text=self.tracker.text, finish_reason=reason,
             prompt_tokens=len(self.request.prompt_ids), trailing=self.tracker.flush(),
         )  # fmt: skip

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from guard.decoding import DecodeEngine, GenerationRequest, SamplingParams, StepInfo, TokenEvent
@@ -35,6 +36,7 @@ from guard.probe import Probe, PromptRecipe
 from guard.results import GenerationResult, GuardInfo, ScoreResult, TokenRisk
 from guard.scope import ScopeGate
 from guard.scoring import RiskScorer
+from guard.spans import scored_spans
 
 # Thresholds when serving unguarded (no probe): nothing is ever flagged.
 _UNGUARDED_POLICY = Policy(flag=1.0, abstain=1.0)
@@ -214,10 +216,15 @@ class GuardedModel:
         if self.scope_gate is not None and trace.prompt_hidden is not None:
             scope = self.scope_gate.judge(trace.prompt_hidden[None])[0]
         measured = scorer.measure(scorer.flatten(trace.cett))  # [tokens, 1 + layers]
-        score = scorer.score_answer(measured, trace.logprobs.numpy(), trace.entropies.numpy())
+        logprobs, entropies = trace.logprobs.numpy(), trace.entropies.numpy()
+        score = scorer.score_answer(measured, logprobs, entropies)
         tokens = [
             TokenRisk(i, t, float(r))
             for i, t, r in zip(response_ids, texts, score.token_risks, strict=True)
         ]
+        logits = np.asarray(measured[:, 0], dtype=np.float64)
+        spans = scored_spans(scorer, tokenizer, response_ids, logits, logprobs, entropies)
         decision = self.policy.decide(score.risk, scope=scope)
-        return ScoreResult(self.info, score.risk, decision, tokens, score.layers, scope=scope)
+        return ScoreResult(
+            self.info, score.risk, decision, tokens, score.layers, scope=scope, spans=spans
+        )

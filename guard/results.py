@@ -58,11 +58,23 @@ class TokenRisk:
 
 
 @dataclass(frozen=True)
+class SpanRisk:
+    """One sentence of an answer: ``[start, end)`` character offsets into the answer text
+    and the risk of its tokens alone (`guard.spans`, `RiskScorer.span_risks`)."""
+
+    start: int
+    end: int
+    risk: float
+
+
+@dataclass(frozen=True)
 class ScoreResult:
     """The verdict on one answer: risk, decision and where the risk came from.
 
     ``layers``: each probe layer's signed share of the answer's probe logit
     (its mean contribution divided by the sum of the absolute mean contributions).
+    ``spans``: the answer's sentences and their risks (empty when unguarded); they show
+    where, the verdict stays the answer risk's.
     """
 
     info: GuardInfo
@@ -72,6 +84,7 @@ class ScoreResult:
     layers: dict[int, float] = field(default_factory=dict)
     aborted: bool = False
     scope: ScopeVerdict | None = None  # None: the probe has no scope gate (all in scope)
+    spans: list[SpanRisk] = field(default_factory=list)
 
     @property
     def in_scope(self) -> bool:

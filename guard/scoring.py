@@ -23,6 +23,7 @@ scorer and the offline evaluator call it (docs/ARCHITECTURE.md, "Scoring"):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,6 +176,22 @@ class RiskScorer:
             self.token_risk(float(s), float(lp), float(e), t) for t, (s, lp, e) in enumerate(values)
         ]
         return np.asarray(risks, dtype=np.float64)
+
+    def span_risks(
+        self,
+        token_logits: np.ndarray,
+        logprobs: np.ndarray,
+        entropies: np.ndarray,
+        ranges: Sequence[tuple[int, int]],
+    ) -> list[float]:
+        """The risk of each token range ``[start, stop)`` of one answer (a sentence): the
+        answer risk of its tokens alone, as if the range were the whole answer."""
+        return [
+            self.answer_risk(
+                AnswerStats.from_tokens(token_logits[a:b], logprobs[a:b], entropies[a:b])
+            )
+            for a, b in ranges
+        ]
 
     def layer_shares(self, part_sums: np.ndarray, length: int) -> dict[int, float]:
         """Each probe layer's signed share of the answer's probe logit from the sums of its

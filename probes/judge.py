@@ -29,6 +29,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from guard.spans import token_char_spans
+
 if TYPE_CHECKING:
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -187,28 +189,6 @@ def _find(haystack: list[str], needle: list[str]) -> int | None:
         if haystack[index : index + size] == needle:
             return index
     return None
-
-
-def token_char_spans(
-    tokenizer: PreTrainedTokenizerBase, response_ids: list[int]
-) -> list[tuple[int, int]]:
-    """``[start, end)`` of each response token in ``decode(response_ids)`` (incremental decoding).
-
-    A token that ends inside a multi-byte character (decoded as U+FFFD until the
-    character completes) shares the span of the token that completes it.
-    """
-    spans: list[tuple[int, int]] = []
-    stable_end = 0
-    pending = 0
-    for count in range(1, len(response_ids) + 1):
-        prefix = str(tokenizer.decode(response_ids[:count], skip_special_tokens=True))
-        pending += 1
-        if prefix.endswith("\ufffd") and count < len(response_ids):
-            continue
-        end = max(len(prefix), stable_end)
-        spans.extend([(stable_end, end)] * pending)
-        stable_end, pending = end, 0
-    return spans
 
 
 def answer_token_span(

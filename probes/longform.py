@@ -2,13 +2,9 @@
 
 The shipped probe scores an answer by the *mean* of its token logits, which a long,
 fluent answer dilutes. This module holds what the long-form measurement
-(`bench/longform.py`) needs to compare verdicts that do not dilute:
+(`bench/longform.py`) needs to compare verdicts that do not dilute (answers are cut into
+sentences by `guard.spans`, as at run time):
 
-- `sentence_spans`: an answer cut into sentences, ``[start, end)`` character offsets into
-  the answer text (abbreviations and initials do not end a sentence; fragments under
-  `MIN_SENTENCE_CHARS` join the next sentence), and `sentence_token_ranges`, which tokens
-  each sentence holds (a token belongs to the sentence its first character falls in,
-  so the space before a sentence opens it);
 - `trace_answers`: one teacher-forced pass per batch (`guard.forcing.teacher_force`, the
   probe's neurons only) giving each answer's token logits ``s_t`` (`RiskScorer`), log-probs,
   entropies and the final hidden state at the last prompt token (the scope gate's input,
@@ -18,109 +14,29 @@ fluent answer dilutes. This module holds what the long-form measurement
   were the whole answer.
 
     traces = trace_answers(loaded, scorer, records, batch_size=16)
-    spans = sentence_spans(records[0].response)
+    risks = sentence_risks(scorer, traces[0], answer_sentences(tokenizer, ids)[1])
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from guard.forcing import teacher_force
 from guard.model import LoadedModel
 from guard.probe import PromptRecipe
 from guard.scoring import AnswerStats, RiskScorer
 from probes.collect import AnswerRecord
-from probes.judge import token_char_spans
 
 LONG_INSTRUCTION = "Answer in two or three sentences."
 LONG_NEW_TOKENS = 96
 LONG_RECIPE = PromptRecipe(instruction=LONG_INSTRUCTION, max_new_tokens=LONG_NEW_TOKENS)
-MIN_SENTENCE_CHARS = 12
 TOP_K = 4
 WINDOW = 8
-
-_ABBREVIATIONS = frozenset(
-    ("mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "vs", "etc", "no", "mt", "ft", "inc",
-     "ltd", "co", "gen", "col", "lt", "sgt", "rev", "fig", "approx", "ca", "e.g", "i.e",
-     "u.s", "u.k", "a.d", "b.c")
-)  # fmt: skip
-_BOUNDARY = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)|\n+")
-
-
-def _ends_sentence(text: str, match: re.Match[str]) -> bool:
-    """A '.' after an abbreviation, an initial or a number ("No. 5") ends nothing."""
-    if match.group().startswith("\n") or not match.group().startswith("."):
-        return True
-    words = text[: match.start()].split()
-    last = words[-1].lower().strip("(\"'") if words else ""
-    return not (last in _ABBREVIATIONS or (len(last) == 1 and last.isalpha()))
-
-
-def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """``[start, end)`` of each sentence of ``text`` (stripped of surrounding whitespace);
-    short fragments join the following sentence (the last joins the one before)."""
-    cuts = [m.end() for m in _BOUNDARY.finditer(text) if _ends_sentence(text, m)]
-    spans: list[tuple[int, int]] = []
-    start = 0
-    for end in [*cuts, len(text)]:
-        piece = text[start:end]
-        if piece.strip():
-            lead = len(piece) - len(piece.lstrip())
-            spans.append((start + lead, start + len(piece.rstrip())))
-        start = end
-    merged: list[tuple[int, int]] = []
-    pending: int | None = None
-    for begin, end in spans:
-        begin = begin if pending is None else pending
-        if end - begin < MIN_SENTENCE_CHARS:
-            pending = begin
-            continue
-        merged.append((begin, end))
-        pending = None
-    if pending is not None:
-        if merged:
-            merged[-1] = (merged[-1][0], spans[-1][1])
-        else:
-            merged.append((pending, spans[-1][1]))
-    return merged
-
-
-def sentence_token_ranges(
-    token_spans: Sequence[tuple[int, int]], sentences: Sequence[tuple[int, int]]
-) -> list[tuple[int, int]]:
-    """Half-open token ranges of each sentence; together they tile all the tokens (tokens
-    after the last sentence join it). Sentences that get no token are dropped."""
-    if not sentences:
-        return [(0, len(token_spans))] if token_spans else []
-    owner = []
-    for start, _ in token_spans:
-        index = next((i for i, (_, end) in enumerate(sentences) if start < end), None)
-        owner.append(len(sentences) - 1 if index is None else index)
-    ranges = []
-    for sentence in range(len(sentences)):
-        members = [t for t, o in enumerate(owner) if o == sentence]
-        if members:
-            ranges.append((members[0], members[-1] + 1))
-    return ranges
-
-
-def answer_sentences(
-    tokenizer: PreTrainedTokenizerBase, response_ids: list[int]
-) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """``(character spans, token ranges)`` of the sentences of a response, one per sentence."""
-    text = str(tokenizer.decode(response_ids, skip_special_tokens=True))
-    chars = sentence_spans(text)
-    tokens = sentence_token_ranges(token_char_spans(tokenizer, response_ids), chars)
-    if len(tokens) != len(chars):  # a sentence with no token of its own: keep them paired
-        chars = [chars[0]] if not tokens else chars[: len(tokens)]
-    return chars, tokens
 
 
 @dataclass(frozen=True)
@@ -220,5 +136,5 @@ def pooled_logits(token_logits: np.ndarray) -> dict[str, float]:
 def sentence_risks(
     scorer: RiskScorer, trace: AnswerTrace, ranges: Sequence[tuple[int, int]]
 ) -> np.ndarray:
-    """The served risk of each sentence's tokens alone ``[sentences]``."""
-    return np.array([scorer.answer_risk(trace.stats(a, b)) for a, b in ranges])
+    """The served risk of each sentence's tokens alone ``[sentences]`` (`RiskScorer.span_risks`)."""
+    return np.array(scorer.span_risks(trace.token_logits, trace.logprobs, trace.entropies, ranges))

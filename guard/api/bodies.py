@@ -30,6 +30,7 @@ from guard.api.responses import (
     RunningGuard,
     ScopeScore,
     ScoreResponse,
+    SpanScore,
     TextChoice,
     TextCompletion,
     TextCompletionChunk,
@@ -126,6 +127,7 @@ def guard_object(
         aborted=result.aborted,
         withheld=withheld,
         layers={str(layer): share for layer, share in result.layers.items()},
+        spans=[SpanScore(start=s.start, end=s.end, risk=s.risk) for s in result.spans],
         probe=_probe(result.info),
         thresholds=_thresholds(result.info),
     )

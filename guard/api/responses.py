@@ -32,6 +32,17 @@ class TokenScore(BaseModel):
     risk: float | None = Field(description="the token's display risk; null when unguarded")
 
 
+class SpanScore(BaseModel):
+    """One sentence of the answer and the risk of its tokens alone."""
+
+    start: int = Field(description="offset of the sentence's first character in the answer")
+    end: int = Field(description="offset just past its last character")
+    risk: float = Field(
+        description="the sentence's risk, scored as if it were the whole answer; it shows "
+        "where the risk is, the decision is the answer risk's"
+    )
+
+
 class ScopeScore(BaseModel):
     """The probe's scope gate on the prompt."""
 
@@ -79,6 +90,10 @@ class GuardObject(RunningGuard):
     )
     layers: dict[str, float] = Field(
         description="each probe layer's signed share of the answer's probe logit"
+    )
+    spans: list[SpanScore] = Field(
+        description="the answer's sentences (character offsets into the answer as generated) "
+        "with their risks; empty when unguarded"
     )
     probe: ProbeRef | None
     thresholds: Thresholds | None

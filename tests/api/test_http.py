@@ -69,8 +69,11 @@ def test_sse_shape(make_app: AppFactory) -> None:
     assert all(len(e["guard"]["tokens"]) == 1 and "decision" not in e["guard"] for e in tokens)
     final = events[-1]
     assert final["choices"][0]["finish_reason"] == "length"
-    assert {"risk", "decision", "aborted", "layers", "probe", "thresholds", "guarded"} <= set(
+    assert {"risk", "decision", "aborted", "layers", "spans", "probe", "thresholds"} <= set(
         final["guard"]
+    )
+    assert final["guard"]["spans"] and all(
+        0 <= s["start"] < s["end"] and 0 <= s["risk"] <= 1 for s in final["guard"]["spans"]
     )
 
 
@@ -218,7 +221,8 @@ def test_metrics_values(make_app: AppFactory) -> None:
 
 
 def test_score_endpoint(make_app: AppFactory, tiny_guarded: GuardedModel) -> None:
-    messages = [*CHAT["messages"], {"role": "assistant", "content": "Paris, I think."}]
+    answer = "Paris, I think. It is the capital of France."
+    messages = [*CHAT["messages"], {"role": "assistant", "content": answer}]
     with TestClient(make_app()) as client:
         response = client.post("/v1/guard/score", json={"messages": messages, "model": MODEL})
         by_question = client.post("/v1/guard/score", json={"question": "Q?", "answer": "A"})
@@ -227,9 +231,15 @@ def test_score_endpoint(make_app: AppFactory, tiny_guarded: GuardedModel) -> Non
     assert response.status_code == 200 and by_question.status_code == 200
     scored = response.json()["guard"]
     assert response.headers["x-guard-decision"] == scored["decision"]
-    expected = tiny_guarded.score(messages=messages[:1], answer="Paris, I think.")
+    expected = tiny_guarded.score(messages=messages[:1], answer=answer)
     assert scored["risk"] == pytest.approx(expected.risk, abs=1e-6)
-    assert "".join(t["text"] for t in scored["tokens"]) == "Paris, I think."
+    assert "".join(t["text"] for t in scored["tokens"]) == answer
+    assert [answer[s["start"] : s["end"]] for s in scored["spans"]] == [
+        "Paris, I think.",
+        "It is the capital of France.",
+    ]
+    for span, want in zip(scored["spans"], expected.spans, strict=True):
+        assert span["risk"] == pytest.approx(want.risk, abs=1e-6)
     assert by_question.json()["usage"]["completion_tokens"] == 1
 
 

@@ -10,17 +10,14 @@ import pytest
 
 from guard.generation import GuardedModel
 from guard.probe import load_probe
+from guard.spans import answer_sentences, sentence_spans, sentence_token_ranges, token_char_spans
 from probes.collect import AnswerRecord
-from probes.judge import token_char_spans
 from probes.knowledge import fit_knowledge_probe
 from probes.longform import (
-    answer_sentences,
     load_traces,
     pooled_logits,
     save_traces,
     sentence_risks,
-    sentence_spans,
-    sentence_token_ranges,
     trace_answers,
 )
 from probes.metrics import auroc

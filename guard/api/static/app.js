@@ -160,6 +160,24 @@ function renderLayers(layers) {
   if (!bars.length) box.textContent = "no layer shares in this response";
 }
 
+// The riskiest sentence (guard.spans: character offsets into the answer): its tokens are
+// outlined and the note names its risk. Returns that span, or null.
+function markRiskiest(spans) {
+  const riskiest = (spans || []).reduce((top, s) => (top && top.risk >= s.risk ? top : s), null);
+  if (!riskiest || (spans || []).length < 2) return null;  // one sentence: the answer itself
+  let offset = 0;
+  const elements = $("answer").querySelectorAll(".tok");
+  state.tokens.forEach((token, i) => {
+    const start = offset;
+    offset += token.text.length;
+    if (elements[i] && start < riskiest.end && offset > riskiest.start) {
+      elements[i].classList.add("riskiest");
+      elements[i].title += " · in the riskiest sentence";
+    }
+  });
+  return riskiest;
+}
+
 function renderVerdict(guard, finishReason) {
   const verdict = $("verdict");
   const decision = guard.decision || "none";
@@ -187,6 +205,8 @@ function renderVerdict(guard, finishReason) {
     answer.classList.add("withdrawn");
   } else if (decision === "flag") note = "Answer returned, flagged as risky.";
   else if (decision === "pass") note = "Answer passed the guard.";
+  const riskiest = guard.guarded === false ? null : markRiskiest(guard.spans);
+  if (riskiest) note += ` Riskiest sentence (outlined): risk ${fmt(riskiest.risk)}.`;
   $("note").textContent = note;
 }
 
