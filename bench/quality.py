@@ -1,12 +1,16 @@
 """Quality benchmark of the shipped probe: TriviaQA test split and NQ-open dev, one JSON.
 
-    python bench/quality.py --out runs/quality.json [--limit N] [--probe DIR]
+    python bench/quality.py --out runs/quality.json [--limit N] [--probe NAME|DIR]
+    python bench/quality.py --probe gemma3-270m-triviaqa --out runs/gemma.json \
+        --features-triviaqa runs/gemma-work/features   # NQ-open: fresh answers
 
 Each dataset goes through ``hguard probes evaluate`` (`probes.evaluate.evaluate_probe`):
 fresh greedy answers with the probe's prompt recipe, judged, scored by the runtime's
 `RiskScorer`, compared with every free baseline, with bootstrap intervals. Answers are
 kept in ``<out stem>.<dataset>.answers.jsonl`` (resumable; ``--answers-dir`` points at
-earlier answer files of the same model and recipe to reuse them).
+earlier answer files of the same model and recipe to reuse them). A dataset given as a
+build's stored features (``--features-*``) is scored from them instead (same answers, same
+`RiskScorer`); the others are answered afresh.
 """
 
 from __future__ import annotations
@@ -81,6 +85,12 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def stored_features(args: argparse.Namespace) -> dict[str, Path]:
+    """The datasets given as stored feature directories."""
+    given = {"triviaqa_test": args.features_triviaqa, "nq_open_dev": args.features_nq}
+    return {name: path for name, path in given.items() if path is not None}
+
+
 def from_features(args: argparse.Namespace) -> dict[str, Any]:
     """Reports from feature stores already extracted by the build (no generation).
 
@@ -96,12 +106,7 @@ def from_features(args: argparse.Namespace) -> dict[str, Any]:
 
     probe = load_probe(args.probe)
     reports: dict[str, Any] = {}
-    for name, directory in (
-        ("triviaqa_test", args.features_triviaqa),
-        ("nq_open_dev", args.features_nq),
-    ):
-        if directory is None:
-            continue
+    for name, directory in stored_features(args).items():
         store = FeatureStore(directory)
         if name == "triviaqa_test":
             rows = split_rows(store, "test")
@@ -122,6 +127,8 @@ def from_generation(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     reports: dict[str, Any] = {}
     for name, (dataset, split) in DATASETS.items():
+        if name in stored_features(args):
+            continue
         answers = (args.answers_dir or out.parent) / f"{out.stem}.{name}.answers.jsonl"
         config = EvaluateConfig(
             probe=args.probe,
@@ -139,12 +146,14 @@ def from_generation(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     started = time.perf_counter()
-    stored = args.features_triviaqa is not None or args.features_nq is not None
-    reports = from_features(args) if stored else from_generation(args)
+    stored = stored_features(args)
+    reports = {**from_features(args), **from_generation(args)}
     summary = {name: summarize(report) for name, report in reports.items()}
     result = {
         "probe": next(iter(reports.values()))["probe"],
-        "mode": "stored features" if stored else "fresh generation",
+        "mode": {
+            name: "stored features" if name in stored else "fresh generation" for name in reports
+        },  # fmt: skip
         "limit": args.limit,
         "wall_s": time.perf_counter() - started,
         "summary": summary,
@@ -160,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="result JSON")
     parser.add_argument("--limit", type=int, help="first N questions of each dataset (split)")
-    parser.add_argument("--probe", default="default", help="probe directory or 'default'")
+    parser.add_argument("--probe", default="default", help="shipped probe name or directory")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--answers-dir", type=Path, help="where answer files live (resumable)")
     parser.add_argument("--features-triviaqa", type=Path, help="score a build's stored features")

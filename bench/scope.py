@@ -131,7 +131,9 @@ def factual_in_scope(guarded: GuardedModel, limit: int, batch_size: int) -> dict
             items = [item for item in items if split_of(item.id) == "test"]
         items = items[:limit]
         conversations = [[{"role": "user", "content": i.question}] for i in items]
-        hidden = torch.as_tensor(hidden_states(guarded.loaded, conversations, batch_size))
+        hidden = torch.as_tensor(
+            hidden_states(guarded.loaded, conversations, batch_size, guarded.prompt_recipe)
+        )
         scores = gate.probabilities(hidden).numpy()
         out[name] = {"n": len(items), "in_scope_rate": float(np.mean(scores >= gate.threshold))}
     return out

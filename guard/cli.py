@@ -17,6 +17,8 @@ from typing import Any
 from guard.errors import GuardError
 
 log = logging.getLogger("hguard")
+PROBE_HELP = "shipped probe name (default, smollm2-135m-triviaqa, gemma3-270m-triviaqa) or dir"
+MODELS_PROBE = "the shipped probe of --model, or 'default'"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -56,6 +58,7 @@ def _probes_build(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         out=args.out,
         **({"model": args.model} if args.model is not None else {}),
+        prompt=_recipe(args.prompt),
         limit=args.limit,
         samples=args.samples,
         batch_size=args.batch_size,
@@ -64,6 +67,12 @@ def _probes_build(args: argparse.Namespace) -> int:
     )
     build(config)
     return 0
+
+
+def _recipe(path: Path | None) -> Any:
+    from guard.prompts import PromptRecipe
+
+    return None if path is None else PromptRecipe.model_validate_json(path.read_bytes())
 
 
 def _probes_evaluate(args: argparse.Namespace) -> int:
@@ -90,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the guarded model over HTTP")
     serve.add_argument("--model", help="model spec (default: GUARD_MODEL or the probe's model)")
-    serve.add_argument("--probe", help="probe directory or 'default' (default: GUARD_PROBE)")
+    serve.add_argument("--probe", help=f"{PROBE_HELP} (default: GUARD_PROBE, else {MODELS_PROBE})")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(func=_serve)
@@ -98,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", help="risk of a given answer, as the guard JSON object")
     score.add_argument("--question", required=True)
     score.add_argument("--answer", required=True)
-    score.add_argument("--probe", default="default")
+    score.add_argument("--probe", help=f"{PROBE_HELP} (default: {MODELS_PROBE})")
     score.add_argument("--model", help="model spec (default: the probe's model)")
     score.set_defaults(func=_score)
 
@@ -109,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--dataset", required=True, type=Path, help="QA JSONL or parquet")
     build.add_argument("--out", required=True, type=Path, help="probe artifact directory")
     build.add_argument("--model", help="model spec (default: the embedded SmolLM2)")
+    build.add_argument(
+        "--prompt", type=Path, help="prompt recipe JSON (default: from the model's tokenizer)"
+    )
     build.add_argument("--limit", type=int, help="use the first N questions")
     build.add_argument("--samples", type=int, default=0, help="extra sampled answers per question")
     build.add_argument("--batch-size", type=int, default=32)
@@ -119,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=_probes_build)
 
     evaluate = probe_commands.add_parser("evaluate", help="evaluate a probe against baselines")
-    evaluate.add_argument("--probe", required=True, help="probe directory or 'default'")
+    evaluate.add_argument("--probe", required=True, help=PROBE_HELP)
     evaluate.add_argument("--dataset", required=True, type=Path)
     evaluate.add_argument("--out", required=True, type=Path, help="report JSON path")
     evaluate.add_argument("--limit", type=int)

@@ -62,6 +62,12 @@ class Engine(Protocol):
         """Requests waiting for the engine (the queue-depth gauge)."""
         ...
 
+    @property
+    def chat_stop(self) -> tuple[str, ...]:
+        """Stop strings that end an assistant turn of `encode_chat`'s rendering (added to a
+        chat request's own; empty where the chat template ends turns with an end token)."""
+        ...
+
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]: ...
     def encode_text(self, text: str) -> list[int]: ...
     def encode_question(self, question: str) -> list[int]:
@@ -120,6 +126,10 @@ class TransformersEngine:
     @property
     def depth(self) -> int:
         return self.batcher.depth
+
+    @property
+    def chat_stop(self) -> tuple[str, ...]:
+        return self.guarded_model.chat_stop
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         return self.guarded_model.encode_chat(messages)

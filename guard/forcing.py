@@ -74,6 +74,9 @@ def teacher_force(
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     width = input_ids.shape[1]
+    # Only the positions that predict response tokens need the LM head (a 262k-token
+    # vocabulary makes full logits the largest tensor of the pass): the last ``keep``.
+    keep = max((len(r) for r in responses), default=0) + 1
     hidden_capture = FinalHiddenCapture(model) if with_prompt_hidden else contextlib.nullcontext()
     with (
         torch.inference_mode(),
@@ -85,18 +88,22 @@ def teacher_force(
             attention_mask=attention_mask,
             position_ids=position_ids_for(attention_mask),
             use_cache=False,
-        ).logits
+            logits_to_keep=keep,
+        ).logits  # [batch, keep, vocab]: positions width - keep .. width - 1
         cett = dict(capture.items())
         prompt_states = None
         if hidden is not None:
-            prompt_ends = torch.as_tensor([width - len(r) - 1 for r in responses])
+            # the LM head's input is the kept window too: the prompt's last token is at
+            # ``keep - len(r) - 1`` in it
+            prompt_ends = torch.as_tensor([keep - len(r) - 1 for r in responses])
             prompt_states = hidden.take(prompt_ends).cpu()
     traces = []
     for row, response in enumerate(responses):
         start = width - len(response)  # first response position (left padding)
         stop = width
         if response:
-            predicting = logits[row, start - 1 : stop - 1]
+            offset = width - keep
+            predicting = logits[row, start - 1 - offset : stop - 1 - offset]
             lp, ent = logit_statistics(predicting, input_ids[row, start:stop])
         else:
             lp = ent = torch.zeros(0)

@@ -126,9 +126,17 @@ class GuardedModel:
         """How the probe's training questions were asked (default recipe when unguarded)."""
         return self.probe.manifest.prompt if self.probe is not None else PromptRecipe()
 
+    @property
+    def chat_stop(self) -> tuple[str, ...]:
+        """Stop strings that end an assistant turn rendered by the prompt recipe (a base
+        model's completion recipe: e.g. ``"\\n"``); empty for chat templates."""
+        recipe = self.prompt_recipe
+        return recipe.stop if recipe.style == "completion" else ()
+
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Prompt ids of a conversation, chat template and generation prompt applied."""
-        prompts, _, _ = encode_chats(self.loaded.tokenizer, [list(messages)])
+        """Prompt ids of a conversation, rendered by the probe's prompt recipe (chat
+        template and generation prompt, or the completion transcript: `guard.prompts`)."""
+        prompts, _, _ = encode_chats(self.loaded.tokenizer, [list(messages)], self.prompt_recipe)
         return prompts[0]
 
     def encode_text(self, text: str) -> list[int]:
@@ -137,7 +145,8 @@ class GuardedModel:
         return [int(i) for i in ids]
 
     def encode_answer(self, text: str) -> list[int]:
-        """Response ids of an answer text (no special tokens)."""
+        """Response ids of an answer text (no special tokens), as it follows the prompt."""
+        text = self.prompt_recipe.answer_text(text)
         ids = self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
         return [int(i) for i in ids]
 

@@ -17,6 +17,7 @@ from guard.generation import GuardedModel
 from guard.model import DEFAULT_MODEL_SPEC, LoadedModel, load_model
 from guard.probe import Probe, load_probe
 from guard.settings import GuardSettings
+from guard.shipped import probe_for_model
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,16 @@ def model_spec_of(probe: Probe | None) -> str:
     return str(training.get("model_spec", DEFAULT_MODEL_SPEC))
 
 
+def probe_spec(settings: GuardSettings) -> str:
+    """The probe to load: the one named, else the shipped probe of the named model."""
+    return settings.probe or probe_for_model(settings.model)
+
+
 def load_guarded(settings: GuardSettings) -> GuardedModel:
     """Model and verified probe from settings; unguarded only when explicitly allowed."""
     probe: Probe | None = None
     try:
-        probe = load_probe(settings.probe, expected_sha256=settings.probe_sha256)
+        probe = load_probe(probe_spec(settings), expected_sha256=settings.probe_sha256)
     except ProbeError as exc:
         _refuse_or_warn(settings, exc)
     spec = settings.model or model_spec_of(probe)

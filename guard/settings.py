@@ -36,7 +36,11 @@ class GuardSettings(BaseSettings):
     served_model_name: str | None = Field(
         default=None, description="id listed by /v1/models; None = the loaded model's id"
     )
-    probe: str = "default"
+    probe: str | None = Field(
+        default=None,
+        description="shipped probe name (guard.shipped) or directory; None = the shipped "
+        "probe of GUARD_MODEL, else 'default' (SmolLM2)",
+    )
     probe_sha256: str | None = None
     flag_threshold: Probability | None = None
     abstain_threshold: Probability | None = None
@@ -72,7 +76,9 @@ class GuardSettings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
-    @field_validator("model", "served_model_name", "probe_sha256", "audit_log", mode="before")
+    @field_validator(
+        "model", "served_model_name", "probe", "probe_sha256", "audit_log", mode="before"
+    )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

@@ -169,7 +169,7 @@ def assemble_probe(
         name=name,
         model_id=loaded.model_id,
         fingerprint=loaded.fingerprint,
-        prompt=build.prompt,
+        prompt=build.recipe,
         scoring=ScoringRecipe(
             pooling="mean", stacker=trained.stacker, calibrator=trained.calibrator
         ),

@@ -25,7 +25,7 @@ from typing import Any
 import joblib
 
 from guard.errors import ProbeError
-from guard.model import DEFAULT_MODEL_NAME, DEFAULT_MODEL_SPEC
+from guard.model import model_name
 from guard.probe import (
     SCOPE_FILE,
     SKLEARN_FILE,
@@ -57,12 +57,14 @@ def peak_rss_mb() -> float:
 
 @contextmanager
 def stage(name: str, timings: dict[str, Any]) -> Iterator[None]:
-    """Record a stage's wall time and the peak RSS after it into ``timings``."""
-    started = time.perf_counter()
+    """Record a stage's wall time, CPU time (all threads of this process: what a contended
+    machine does not inflate) and the peak RSS after it into ``timings``."""
+    started, cpu_started = time.perf_counter(), time.process_time()
     log.info("stage %s ...", name)
     yield
     timings[name] = {
         "wall_s": round(time.perf_counter() - started, 2),
+        "cpu_s": round(time.process_time() - cpu_started, 2),
         "peak_rss_mb": peak_rss_mb(),
     }
     log.info(
@@ -72,8 +74,9 @@ def stage(name: str, timings: dict[str, Any]) -> Iterator[None]:
 
 def collect_and_extract(
     config: BuildConfig, timings: dict[str, Any]
-) -> tuple[Any, list[Any], FeatureSource]:
-    """Load the model and questions, collect answers, extract features (all resumable)."""
+) -> tuple[BuildConfig, Any, list[Any], FeatureSource]:
+    """Load the model and questions, collect answers, extract features (all resumable).
+    Returns the config with its prompt recipe decided for the model."""
     from guard.model import load_model
     from probes.collect import collect_answers
     from probes.datasets import load_questions
@@ -82,6 +85,7 @@ def collect_and_extract(
     work = config.resolved_work_dir
     with stage("load_model", timings):
         loaded = load_model(config.model)
+    config = config.with_recipe(loaded.tokenizer)
     with stage("load_questions", timings):
         items = load_questions(config.dataset, limit=config.limit)
     with stage("collect", timings):
@@ -89,13 +93,13 @@ def collect_and_extract(
             loaded,
             items,
             work / "answers.jsonl",
-            config.prompt,
+            config.recipe,
             batch_size=config.batch_size,
             samples=config.samples,
         )
     with stage("extract", timings):
         store = extract_features(loaded, records, work, batch_size=config.batch_size)
-    return loaded, items, store
+    return config, loaded, items, store
 
 
 def fit_gate(
@@ -112,7 +116,7 @@ def fit_gate(
         by_split[split_of(item.id)].append(item.question)
     with stage("scope_gate", timings):
         return fit_scope_gate(
-            loaded, by_split["train"], by_split["val"], config.scope, config.prompt
+            loaded, by_split["train"], by_split["val"], config.scope, config.recipe
         )
 
 
@@ -146,14 +150,11 @@ def build(config: BuildConfig) -> str:
     """Run every stage and save the artifact; returns (and prints) the manifest sha256."""
     timings: dict[str, Any] = {}
     started = time.perf_counter()
-    loaded, items, store = collect_and_extract(config, timings)
+    config, loaded, items, store = collect_and_extract(config, timings)
     with stage("train", timings):
         trained = train_served_probe(store, config.train)
     scope_recipe, scope_weights = fit_gate(config, loaded, items, timings)
-    model_name = (
-        DEFAULT_MODEL_NAME if config.model == DEFAULT_MODEL_SPEC else Path(config.model).name
-    )
-    name = config.name or f"{model_name}-{config.dataset.stem}"
+    name = config.name or f"{model_name(config.model)}-{config.dataset.stem}"
     manifest = assemble_probe(trained, loaded, store, config, name)
     manifest = manifest.model_copy(update={"scope": scope_recipe})
     with stage("evaluate", timings):

@@ -1,6 +1,7 @@
 """Answer collection: greedy (and optionally sampled) answers to QA items, judged, resumable.
 
-Questions are put to the model with a `PromptRecipe` (chat template, left padding),
+Questions are put to the model with a `PromptRecipe` (chat template or few-shot completion,
+left padding; answers end as the decode loop ends them: `guard.sampling.response_tokens`),
 in batches sorted by prompt length. Every finished question is appended to a JSONL file
 at once, so a killed run resumes where it stopped; a sidecar ``<out>.meta.json`` records
 the recipe and model so that a resumed run cannot silently mix two set-ups.
@@ -27,6 +28,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from guard.errors import GuardError
 from guard.model import LoadedModel, encode_chats, end_token_ids, left_pad, pad_token_id
 from guard.probe import PromptRecipe
+from guard.sampling import cut_at_stop, response_tokens
 from probes.datasets import QAItem, Split, split_of
 from probes.judge import answer_token_span, judge
 
@@ -96,7 +98,7 @@ def collect_answers(
     setup = {
         "model_id": loaded.model_id,
         "down_proj_sha256": loaded.fingerprint.down_proj_sha256,
-        "recipe": recipe.model_dump(),
+        "recipe": recipe.identity(),
         "samples": samples,
         "temperature": temperature,
         "seed": seed,
@@ -180,7 +182,8 @@ def _generate(
 ) -> Iterator[AnswerRecord]:
     """Records for ``items`` in order of prompt length, one batch at a time."""
     tokenizer = loaded.tokenizer
-    prompts, _, _ = encode_chats(tokenizer, [recipe.messages(item.question) for item in items])
+    conversations = [recipe.messages(item.question) for item in items]
+    prompts, _, _ = encode_chats(tokenizer, conversations, recipe)
     order = sorted(range(len(items)), key=lambda i: (len(prompts[i]), i))
     stops = end_token_ids(loaded.model, tokenizer)
     generated = 0
@@ -195,7 +198,9 @@ def _generate(
                 for s in range(samples)
             ]
             for j, i in enumerate(rows):
-                yield _record(loaded, items[i], prompts[i], greedy[j], [s[j] for s in sampled])
+                yield _record(
+                    loaded, recipe, items[i], prompts[i], greedy[j], [s[j] for s in sampled]
+                )
             generated += sum(len(ids) + stop for ids, stop in greedy)
             generated += sum(len(ids) + stop for s in sampled for ids, stop in s)
             progress.update(len(rows))
@@ -215,7 +220,7 @@ def _batch_generate(
     recipe: PromptRecipe,
     sampling: tuple[float, int] | None,
 ) -> list[tuple[list[int], bool]]:
-    """``(response ids before the first end token, whether an end token came)`` per prompt.
+    """``(response ids, whether the answer stopped)`` per prompt (`response_tokens`).
 
     ``sampling`` = ``(temperature, seed)`` samples from the full distribution (no top-k or
     top-p); None is greedy.
@@ -242,16 +247,15 @@ def _batch_generate(
             pad_token_id=pad_id,
             eos_token_id=sorted(stops),
             **options,
+            **({"stop_strings": list(recipe.stop), "tokenizer": tokenizer} if recipe.stop else {}),
         )
-    results = []
-    for row in output[:, input_ids.shape[1] :].tolist():
-        cut = next((k for k, token in enumerate(row) if token in stops), None)
-        results.append((row, False) if cut is None else (row[:cut], True))
-    return results
+    rows = output[:, input_ids.shape[1] :].tolist()
+    return [response_tokens(tokenizer, row, stops, recipe.stop) for row in rows]
 
 
 def _record(
     loaded: LoadedModel,
+    recipe: PromptRecipe,
     item: QAItem,
     prompt_ids: list[int],
     greedy: tuple[list[int], bool],
@@ -259,6 +263,10 @@ def _record(
 ) -> AnswerRecord:
     tokenizer = loaded.tokenizer
     response_ids, stopped = greedy
+
+    def text(ids: list[int]) -> str:  # the answer text, cut at a stop string
+        return cut_at_stop(str(tokenizer.decode(ids, skip_special_tokens=True)), recipe.stop)[0]
+
     record = AnswerRecord(
         id=item.id,
         question=item.question,
@@ -266,15 +274,12 @@ def _record(
         split=split_of(item.id),
         prompt_ids=prompt_ids,
         response_ids=response_ids,
-        response=str(tokenizer.decode(response_ids, skip_special_tokens=True)),
+        response=text(response_ids),
         stopped=stopped,
         correct=False,
         alias=None,
         span=None,
-        samples=[
-            SampleRecord(text=str(tokenizer.decode(ids, skip_special_tokens=True)), correct=False)
-            for ids, _ in sampled
-        ],
+        samples=[SampleRecord(text=text(ids), correct=False) for ids, _ in sampled],
     )
     return rejudge(tokenizer, record)
 

@@ -112,7 +112,7 @@ def collect_traced(
     end. Empty answers are recorded but have no trace."""
     answers_path, traces_path = work / f"{name}.answers.jsonl", work / f"{name}.traces.jsonl"
     meta = work / f"{name}.answers.jsonl.meta.json"
-    setup: dict[str, Any] = {"model_id": loaded.model_id, "recipe": recipe.model_dump(),
+    setup: dict[str, Any] = {"model_id": loaded.model_id, "recipe": recipe.identity(),
                              "traced": True}  # fmt: skip
     if meta.exists() and json.loads(meta.read_text()) != setup:
         raise ValueError(f"{answers_path} was written with another set-up: remove it first")

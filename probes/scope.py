@@ -100,11 +100,14 @@ def open_variants(prompt: str) -> list[list[dict[str, str]]]:
 
 
 def hidden_states(
-    loaded: LoadedModel, conversations: Sequence[list[dict[str, str]]], batch_size: int
+    loaded: LoadedModel,
+    conversations: Sequence[list[dict[str, str]]],
+    batch_size: int,
+    recipe: PromptRecipe | None = None,
 ) -> np.ndarray:
-    """The gate's feature for every conversation: ``[n, hidden]`` float32 (length-sorted
-    batches, original order)."""
-    prompts, _, _ = encode_chats(loaded.tokenizer, [list(c) for c in conversations])
+    """The gate's feature for every conversation, rendered as serving renders it (the
+    probe's ``recipe``): ``[n, hidden]`` float32 (length-sorted batches, original order)."""
+    prompts, _, _ = encode_chats(loaded.tokenizer, [list(c) for c in conversations], recipe)
     order = np.argsort([len(p) for p in prompts], kind="stable")
     pad_id = pad_token_id(loaded.tokenizer)
     out: np.ndarray | None = None
@@ -184,7 +187,7 @@ def fit_scope_gate(
         groups += [first_open + j] * len(variants)
         categories += [item.category] * len(variants)
     val_conversations = [phrased(question) for question in val_questions]
-    features = hidden_states(loaded, conversations + val_conversations, config.batch_size)
+    features = hidden_states(loaded, conversations + val_conversations, config.batch_size, recipe)
     x, x_val = features[: len(conversations)], features[len(conversations) :]
     y, group = np.asarray(labels), np.asarray(groups)
 

@@ -72,7 +72,9 @@ def check_model(services: Services, model: str | None) -> str:
     return served
 
 
-def _params(services: Services, body: SamplingFields, requested: int | None) -> SamplingParams:
+def _params(
+    services: Services, body: SamplingFields, requested: int | None, stop: tuple[str, ...] = ()
+) -> SamplingParams:
     limit = services.settings.max_new_tokens
     if requested is not None and requested > limit:
         raise invalid(
@@ -84,13 +86,19 @@ def _params(services: Services, body: SamplingFields, requested: int | None) -> 
         temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
-        stop=body.stop_strings(),
+        stop=body.stop_strings() + tuple(s for s in stop if s not in body.stop_strings()),
         abort=body.stream,
     )
 
 
 def _prepared(
-    services: Services, kind: Kind, body: SamplingFields, ids: list[int], rid: str, started: float
+    services: Services,
+    kind: Kind,
+    body: SamplingFields,
+    ids: list[int],
+    rid: str,
+    started: float,
+    stop: tuple[str, ...] = (),
 ) -> Prepared:
     limit = services.settings.max_prompt_tokens
     if len(ids) > limit:
@@ -104,7 +112,7 @@ def _prepared(
         raise invalid("the prompt is empty", param="prompt")
     return Prepared(
         kind=kind, request_id=rid, model=check_model(services, body.model), prompt_ids=ids,
-        params=_params(services, body, body.requested_max_tokens()), stream=body.stream,
+        params=_params(services, body, body.requested_max_tokens(), stop), stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         user=body.user, started=started, created=int(time.time()),
     )  # fmt: skip
@@ -116,7 +124,8 @@ def prepare_chat(
     engine = services.require_ready()
     check_model(services, body.model)
     ids = engine.encode_chat([message.as_template() for message in body.messages])
-    return _prepared(services, "chat", body, ids, rid, started)
+    # A base model's chat turn ends at its recipe's stop strings (`guard.prompts`).
+    return _prepared(services, "chat", body, ids, rid, started, engine.chat_stop)
 
 
 def prepare_completion(
