@@ -47,6 +47,14 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_model(args: argparse.Namespace) -> int:
+    from guard.export import export_model
+
+    fingerprint = export_model(args.spec, args.out)
+    print(f"exported {args.spec} to {args.out}: {fingerprint.model_dump_json()}")
+    return 0
+
+
 def _probes_build(args: argparse.Namespace) -> int:
     from probes.build import build
     from probes.config import BuildConfig
@@ -101,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--probe", default="default")
     score.add_argument("--model", help="model spec (default: the probe's model)")
     score.set_defaults(func=_score)
+
+    export = commands.add_parser(
+        "export-model", help="save a model spec as a float32 safetensors directory (for vLLM)"
+    )
+    export.add_argument("spec", help="model spec: smollm2, a .gguf file or a model directory")
+    export.add_argument("out", type=Path, help="directory to create (must be empty)")
+    export.set_defaults(func=_export_model)
 
     probes = commands.add_parser("probes", help="offline probe training and evaluation")
     probe_commands = probes.add_subparsers(dest="probes_command", required=True)
