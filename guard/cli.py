@@ -24,7 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
     from guard.settings import GuardSettings
 
     settings = GuardSettings(**_model_and_probe(args))
-    return run_server(settings, host=args.host, port=args.port)
+    return run_server(settings, host=args.host, port=args.port, engine=args.engine)
 
 
 def _model_and_probe(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the guarded model over HTTP")
     serve.add_argument("--model", help="model spec (default: GUARD_MODEL or the probe's model)")
     serve.add_argument("--probe", help="probe directory or 'default' (default: GUARD_PROBE)")
+    serve.add_argument(
+        "--engine", choices=["transformers", "vllm"], default="transformers",
+        help="who generates: our decode loop, or vLLM (needs .venv-vllm: make install-vllm)",
+    )  # fmt: skip
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(func=_serve)

@@ -50,8 +50,10 @@ from guard.scoring import RiskScorer, RunningStats, logit_statistics
 
 __all__ = [
     "DecodeEngine",
+    "DecodeRow",
     "GenerationRequest",
     "GenerationSink",
+    "RowContext",
     "SamplingParams",
     "StepInfo",
     "TextTracker",
@@ -120,12 +122,29 @@ class DecodeEngine:
     scope_gate: ScopeGate | None = None
 
 
+class RowContext(Protocol):
+    """What one row's bookkeeping reads (`DecodeEngine` here; the vLLM engine has its own)."""
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase: ...
+    @property
+    def scorer(self) -> RiskScorer | None: ...
+    @property
+    def policy(self) -> Policy: ...
+    @property
+    def info(self) -> GuardInfo: ...
+    @property
+    def end_ids(self) -> frozenset[int]: ...
+
+
 @dataclass
-class _Row:
-    """One request's decoding state."""
+class DecodeRow:
+    """One request's decoding state: takes each step's values (`accept`), scores the fed
+    token through the scorer, sends events, asks the policy, builds the result. Whatever
+    engine runs the forward passes feeds it the same per-step values."""
 
     request: GenerationRequest
-    engine: DecodeEngine
+    engine: RowContext
     tracker: TextTracker
     generator: torch.Generator | None
     running: RunningStats = field(default_factory=RunningStats)
@@ -201,7 +220,7 @@ class _Row:
         )  # fmt: skip
 
 
-def _make_row(engine: DecodeEngine, request: GenerationRequest, device: torch.device) -> _Row:
+def _make_row(engine: DecodeEngine, request: GenerationRequest, device: torch.device) -> DecodeRow:
     generator = None
     if request.params.temperature > 0:
         generator = torch.Generator(device=device)
@@ -210,7 +229,7 @@ def _make_row(engine: DecodeEngine, request: GenerationRequest, device: torch.de
         else:
             generator.manual_seed(request.params.seed)
     tracker = TextTracker(engine.tokenizer, request.params.stop)
-    return _Row(request, engine, tracker, generator)
+    return DecodeRow(request, engine, tracker, generator)
 
 
 def cache_argument(model: torch.nn.Module) -> str:
