@@ -77,7 +77,7 @@ serve-vllm: install-vllm
 
 # The vLLM parity tests, in .venv-vllm (CI runs them after `make test`).
 test-vllm: install-vllm
-	$(VLLM_BIN)/pytest -q -p no:cacheprovider tests/vllm tests/guard/test_export.py
+	$(VLLM_BIN)/pytest -q -p no:cacheprovider tests/vllm
 
 # System tools the tests use (promtool, headless Chromium). A missing tool fails a test.
 apt:

@@ -32,7 +32,7 @@ from transformers import AutoTokenizer, GenerationConfig, PretrainedConfig
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from guard.batching import Ticket, enqueue
-from guard.errors import InvalidRequestError
+from guard.errors import GuardError, InvalidRequestError
 from guard.export import exported_dir, exported_fingerprint
 from guard.fingerprint import ModelFingerprint
 from guard.generation import guard_info, policy_for
@@ -80,6 +80,11 @@ def build_llm(directory: Path, settings: GuardSettings, **overrides: Any) -> Any
         "skip_tokenizer_init": True,
     }  # fmt: skip
     options.update(overrides)
+    if not options["enforce_eager"]:
+        raise GuardError(
+            "the vLLM engine needs enforce_eager: CUDA graphs replay without running the "
+            "capture's hooks and torch.compile traces them into graph breaks"
+        )
     return LLMEngine.from_engine_args(EngineArgs(**options))
 
 
