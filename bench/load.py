@@ -13,6 +13,10 @@ the server keeps it); ``batch_limit_ratio`` = aggregate / that.
 ``batch_limit_plain_tps``: the same with every batch on its own (as ``model.generate``).
 
     python bench/load.py --clients 16 --requests 64 --out bench/results/load.json
+    .venv-vllm/bin/python bench/load.py --engine vllm --out bench/results/load_vllm.json
+
+``--engine vllm`` serves through vLLM (``hguard serve --engine vllm``) and, in the same run,
+through the transformers engine for comparison (its summary under ``"transformers"``).
 
 Writes ``{"single_client_tps", "aggregate_tps", "speedup", "batch_limit_tps",
 "batch_limit_ratio", "batch_limit_plain_tps", "errors", "ttft_p50_s", "ttft_p99_s",
@@ -80,9 +84,11 @@ def prepare_probe(spec: str | None, model: str, work: Path) -> str:
         return str(work / "synthetic_probe")
 
 
-def start_server(port: int, model: str, probe: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def start_server(
+    port: int, model: str, probe: str, env: dict[str, str], engine: str = "transformers"
+) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "guard.cli", "serve", "--port", str(port),
-               "--model", model, "--probe", probe]  # fmt: skip
+               "--model", model, "--probe", probe, "--engine", engine]  # fmt: skip
     return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env})
 
 
@@ -245,6 +251,26 @@ def summarise(
     }  # fmt: skip
 
 
+def serve_and_load(args: argparse.Namespace, probe: str, engine: str) -> dict[str, Any]:
+    """Start ``hguard serve --engine ENGINE``, run both phases, stop it: the phases and
+    the server's exit code."""
+    prompts = [f"{q} Answer in a few words." for q in questions(args.requests)]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {"GUARD_MAX_BATCH": str(args.clients), "GUARD_SERVED_MODEL_NAME": "bench",
+           "GUARD_QUEUE_SIZE": str(max(256, args.requests))}  # fmt: skip
+    server = start_server(port, args.model, probe, env, engine)
+    try:
+        wait_ready(base, server)
+        asyncio.run(run_phase(base, "bench", prompts[:2], args.max_tokens, 1))  # warm-up
+        single = asyncio.run(run_phase(base, "bench", prompts, args.max_tokens, 1))
+        concurrent = asyncio.run(run_phase(base, "bench", prompts, args.max_tokens, args.clients))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        exit_code = server.wait(60)
+    return {"phases": (single, concurrent), "engine": engine, "server_exit_code": exit_code}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=16)
@@ -252,33 +278,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--model", default=DEFAULT_MODEL_SPEC)
     parser.add_argument("--probe", help="probe directory (default: shipped, else synthetic)")
+    parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     args.load_before = os.getloadavg()
     prompts = [f"{q} Answer in a few words." for q in questions(args.requests)]
-    # The batch limit is measured before and after the server runs (their mean counts):
+    # The batch limit is measured before and after the servers run (their mean counts):
     # a shared machine's speed drifts over the minutes between the phases.
     limits = [batch_limit(args.model, prompts, args.max_tokens, args.clients)]
+    engines = [args.engine] if args.engine == "transformers" else [args.engine, "transformers"]
     with tempfile.TemporaryDirectory() as work:
         probe = prepare_probe(args.probe, args.model, Path(work))
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        env = {"GUARD_MAX_BATCH": str(args.clients), "GUARD_SERVED_MODEL_NAME": "bench",
-               "GUARD_QUEUE_SIZE": str(max(256, args.requests))}  # fmt: skip
-        server = start_server(port, args.model, probe, env)
-        try:
-            wait_ready(base, server)
-            asyncio.run(run_phase(base, "bench", prompts[:2], args.max_tokens, 1))  # warm-up
-            single = asyncio.run(run_phase(base, "bench", prompts, args.max_tokens, 1))
-            concurrent = asyncio.run(
-                run_phase(base, "bench", prompts, args.max_tokens, args.clients)
-            )
-        finally:
-            server.send_signal(signal.SIGTERM)
-            exit_code = server.wait(60)
+        runs = [serve_and_load(args, probe, engine) for engine in engines]
     limits.append(batch_limit(args.model, prompts, args.max_tokens, args.clients))
-    result = summarise(args, single, concurrent, limits)
-    result["server_exit_code"] = exit_code
+    summaries = []
+    for run in runs:
+        summary = summarise(args, *run["phases"], limits)
+        summary.update(engine=run["engine"], server_exit_code=run["server_exit_code"])
+        summaries.append(summary)
+    result = summaries[0]
+    if len(summaries) > 1:  # vLLM: the transformers engine in the same run, for comparison
+        result["transformers"] = summaries[1]
+        result["errors"] += summaries[1]["errors"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result, indent=2))

@@ -8,6 +8,10 @@ counts (robust to the odd slow or fast run of a shared machine; the best-of rati
 every run's seconds are in the JSON too).
 
     python bench/overhead.py [--quick] [--probe DIR] --out bench/results/overhead.json
+    .venv-vllm/bin/python bench/overhead.py --engine vllm [--quick] --out ...overhead_vllm.json
+
+``--engine vllm``: guarded = the vLLM engine (hooks, per-token risk, our rows); plain = the
+same vLLM engine with the hooks removed, driven directly (`bench/overhead_vllm.py`).
 
 Writes ``{"batch_1": {"plain_tps", "guarded_tps", "ratio"}, "batch_32": {...}, ...}``.
 """
@@ -20,8 +24,9 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +56,7 @@ from guard.probe import (  # noqa: E402
     load_probe,
     save_probe,
 )
+from guard.scoring import RiskScorer  # noqa: E402
 
 TRIVIAQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "triviaqa" / "triviaqa.jsonl"
 
@@ -133,9 +139,12 @@ def guarded_run(guarded: GuardedModel, prompts: list[list[int]], new_tokens: int
     return elapsed
 
 
+Run = Callable[[list[list[int]], int], Timing]  # (prompts, new tokens) -> timing
+
+
 def measure(
-    loaded: LoadedModel,
-    guarded: GuardedModel,
+    plain_side: Run,
+    guarded_side: Run,
     batches: list[list[list[int]]],
     new_tokens: int,
     repeats: int,
@@ -144,11 +153,11 @@ def measure(
     tokens = sum(len(batch) for batch in batches) * new_tokens
     plain: list[Timing] = []
     guarded_t: list[Timing] = []
-    plain_run(loaded, batches[0][:1], 2)  # warm-up both paths
-    guarded_run(guarded, batches[0][:1], 2)
+    plain_side(batches[0][:1], 2)  # warm-up both paths
+    guarded_side(batches[0][:1], 2)
     for _ in range(repeats):
-        plain.append(_total(plain_run(loaded, b, new_tokens) for b in batches))
-        guarded_t.append(_total(guarded_run(guarded, b, new_tokens) for b in batches))
+        plain.append(_total(plain_side(b, new_tokens) for b in batches))
+        guarded_t.append(_total(guarded_side(b, new_tokens) for b in batches))
     plain_tps = tokens / float(np.median([t[0] for t in plain]))
     guarded_tps = tokens / float(np.median([t[0] for t in guarded_t]))
     plain_cpu_tps = tokens / float(np.median([t[1] for t in plain]))
@@ -187,28 +196,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--prompts", type=int, help="batch-1 prompts (default 4, quick 2)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     new_tokens = args.new_tokens or (8 if args.quick else 32)
     repeats = args.repeats or (1 if args.quick else 5)
     single_prompts = args.prompts or (2 if args.quick else 4)
-    loaded = load_model(args.model)
-    probe = resolve_probe(args.probe, loaded, args.out.parent)
-    guarded = GuardedModel(loaded, probe)
+    if args.engine == "vllm":
+        from overhead_vllm import vllm_sides  # bench/ is on sys.path as the script's dir
+
+        plain_side, guarded_side, encode, probe, model_id, close = vllm_sides(args)
+    else:
+        loaded = load_model(args.model)
+        probe = resolve_probe(args.probe, loaded, args.out.parent)
+        guarded = GuardedModel(loaded, probe)
+        plain_side, guarded_side = partial(plain_run, loaded), partial(guarded_run, guarded)
+        encode, model_id, close = guarded.encode_chat, loaded.model_id, None
     ask = probe.manifest.prompt.messages
-    encode = guarded.encode_chat
     batch_1 = [[encode(ask(q))] for q in questions(single_prompts)]
     batch_32 = [[encode(ask(q)) for q in questions(32)]]
+    try:
+        sides = (plain_side, guarded_side)
+        batches = {"batch_1": measure(*sides, batch_1, new_tokens, repeats),
+                   "batch_32": measure(*sides, batch_32, new_tokens, repeats)}  # fmt: skip
+    finally:
+        if close is not None:
+            close()
     result: dict[str, Any] = {
-        "batch_1": measure(loaded, guarded, batch_1, new_tokens, repeats),
-        "batch_32": measure(loaded, guarded, batch_32, new_tokens, repeats),
+        **batches,
+        "engine": args.engine,
         "probe": {
             "name": probe.name,
-            "layers": len(guarded.scorer.neuron_selection()) if guarded.scorer else 0,
+            "layers": len(RiskScorer(probe).neuron_selection()),
             "neurons": int(np.count_nonzero(probe.weights.weights)),
         },
-        "model": loaded.model_id,
+        "model": model_id,
         "quick": args.quick,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {

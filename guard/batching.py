@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -99,6 +100,24 @@ class Ticket:
                 return
 
 
+def refuse(*, closed: bool, waiting: int, limit: int) -> None:
+    """Refuse a new request to an engine's worker: 503 once closed, 429 when ``limit``
+    requests are already waiting."""
+    if closed:
+        raise ShuttingDownError("the server is shutting down; retry on another replica")
+    if waiting >= limit:
+        raise OverloadedError(f"the request queue is full ({limit} waiting); retry shortly")
+
+
+def enqueue(waiting: queue.Queue[T], item: T, *, closed: bool) -> None:
+    """Queue ``item`` for an engine's worker thread, or `refuse` it."""
+    refuse(closed=closed, waiting=waiting.qsize(), limit=waiting.maxsize)
+    try:
+        waiting.put_nowait(item)
+    except queue.Full:  # filled since the check
+        refuse(closed=False, waiting=waiting.maxsize, limit=waiting.maxsize)
+
+
 @dataclass
 class _Job:
     """Exclusive model work (e.g. teacher-forced scoring), run between decode steps."""
@@ -159,13 +178,8 @@ class MicroBatcher:
             self._thread = None
 
     def _put(self, item: Ticket | _Job) -> None:
-        if self._closed:
-            raise ShuttingDownError("the server is shutting down; retry on another replica")
         with self._ready:
-            if self.depth >= self.queue_size:
-                raise OverloadedError(
-                    f"the request queue is full ({self.queue_size} waiting); retry shortly"
-                )
+            refuse(closed=self._closed, waiting=self.depth, limit=self.queue_size)
             if isinstance(item, Ticket):
                 self._tickets.append(item)
             else:

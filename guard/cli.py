@@ -26,7 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
     from guard.settings import GuardSettings
 
     settings = GuardSettings(**_model_and_probe(args))
-    return run_server(settings, host=args.host, port=args.port)
+    return run_server(settings, host=args.host, port=args.port, engine=args.engine)
 
 
 def _model_and_probe(args: argparse.Namespace) -> dict[str, Any]:
@@ -46,6 +46,14 @@ def _score(args: argparse.Namespace) -> int:
     guarded = load_guarded(GuardSettings(**_model_and_probe(args)))
     result = guarded.score(question=args.question, answer=args.answer)
     print(guard_object(result).model_dump_json(indent=2))
+    return 0
+
+
+def _export_model(args: argparse.Namespace) -> int:
+    from guard.export import export_model
+
+    fingerprint = export_model(args.spec, args.out)
+    print(f"exported {args.spec} to {args.out}: {fingerprint.model_dump_json()}")
     return 0
 
 
@@ -100,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the guarded model over HTTP")
     serve.add_argument("--model", help="model spec (default: GUARD_MODEL or the probe's model)")
     serve.add_argument("--probe", help=f"{PROBE_HELP} (default: GUARD_PROBE, else {MODELS_PROBE})")
+    serve.add_argument(
+        "--engine", choices=["transformers", "vllm"], default="transformers",
+        help="who generates: our decode loop, or vLLM (needs .venv-vllm: make install-vllm)",
+    )  # fmt: skip
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(func=_serve)
@@ -110,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--probe", help=f"{PROBE_HELP} (default: {MODELS_PROBE})")
     score.add_argument("--model", help="model spec (default: the probe's model)")
     score.set_defaults(func=_score)
+
+    export = commands.add_parser(
+        "export-model", help="save a model spec as a float32 safetensors directory (for vLLM)"
+    )
+    export.add_argument("spec", help="model spec: smollm2, a .gguf file or a model directory")
+    export.add_argument("out", type=Path, help="directory to create (must be empty)")
+    export.set_defaults(func=_export_model)
 
     probes = commands.add_parser("probes", help="offline probe training and evaluation")
     probe_commands = probes.add_subparsers(dest="probes_command", required=True)

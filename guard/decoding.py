@@ -2,7 +2,7 @@
 
 `GenerationRequest` (prompt ids, `SamplingParams`, a `GenerationSink`) goes into a running
 batch (`guard.livebatch.LiveBatch`); its sink receives a `TokenEvent` per scored token and
-one `GenerationResult`. `_Row` is the request's decoding state inside the batch; per step
+one `GenerationResult`. `DecodeRow` is the request's decoding state inside the batch; per step
 and row (docs/ARCHITECTURE.md, "Position"):
 
 - the token sampled at step ``t`` is the input of step ``t + 1``: its CETT, hence its probe
@@ -44,8 +44,10 @@ from guard.spans import scored_spans
 
 __all__ = [
     "DecodeEngine",
+    "DecodeRow",
     "GenerationRequest",
     "GenerationSink",
+    "RowContext",
     "SamplingParams",
     "StepInfo",
     "TextTracker",
@@ -114,12 +116,29 @@ class DecodeEngine:
     scope_gate: ScopeGate | None = None
 
 
+class RowContext(Protocol):
+    """What one row's bookkeeping reads (`DecodeEngine` here; the vLLM engine has its own)."""
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase: ...
+    @property
+    def scorer(self) -> RiskScorer | None: ...
+    @property
+    def policy(self) -> Policy: ...
+    @property
+    def info(self) -> GuardInfo: ...
+    @property
+    def end_ids(self) -> frozenset[int]: ...
+
+
 @dataclass
-class _Row:
-    """One request's decoding state."""
+class DecodeRow:
+    """One request's decoding state: takes each step's values (`accept`), scores the fed
+    token through the scorer, sends events, asks the policy, builds the result. Whatever
+    engine runs the forward passes feeds it the same per-step values."""
 
     request: GenerationRequest
-    engine: DecodeEngine
+    engine: RowContext
     tracker: TextTracker
     generator: torch.Generator | None
     running: RunningStats = field(default_factory=RunningStats)
@@ -202,7 +221,7 @@ class _Row:
         )  # fmt: skip
 
 
-def _make_row(engine: DecodeEngine, request: GenerationRequest, device: torch.device) -> _Row:
+def _make_row(engine: DecodeEngine, request: GenerationRequest, device: torch.device) -> DecodeRow:
     generator = None
     if request.params.temperature > 0:
         generator = torch.Generator(device=device)
@@ -211,4 +230,4 @@ def _make_row(engine: DecodeEngine, request: GenerationRequest, device: torch.de
         else:
             generator.manual_seed(request.params.seed)
     tracker = TextTracker(engine.tokenizer, request.params.stop)
-    return _Row(request, engine, tracker, generator)
+    return DecodeRow(request, engine, tracker, generator)

@@ -25,7 +25,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from guard.decoding import DecodeEngine, GenerationRequest, SamplingParams, StepInfo, TokenEvent
+from guard.decoding import (
+    DecodeEngine,
+    GenerationRequest,
+    RowContext,
+    SamplingParams,
+    StepInfo,
+    TokenEvent,
+)
 from guard.errors import InvalidRequestError
 from guard.forcing import teacher_force
 from guard.livebatch import DEFAULT_PREFILL_TOKENS, LiveBatch, decode_batch
@@ -33,7 +40,7 @@ from guard.model import LoadedModel, encode_chats, end_token_ids, pad_token_id
 from guard.neurons import find_mlp_layers
 from guard.policy import Policy, ThresholdOverrides
 from guard.probe import Probe, PromptRecipe
-from guard.results import GenerationResult, GuardInfo, ScoreResult, TokenRisk
+from guard.results import GenerationResult, GuardInfo, ScopeVerdict, ScoreResult, TokenRisk
 from guard.scope import ScopeGate
 from guard.scoring import RiskScorer
 from guard.spans import scored_spans
@@ -62,6 +69,22 @@ class CollectingSink:
         return False
 
 
+def policy_for(probe: Probe | None, overrides: ThresholdOverrides | None = None) -> Policy:
+    """The probe's thresholds with the settings' overrides; never-flag when unguarded."""
+    if probe is None:
+        return _UNGUARDED_POLICY
+    return Policy.from_probe(probe.manifest.thresholds, overrides)
+
+
+def guard_info(probe: Probe | None, policy: Policy) -> GuardInfo:
+    """Who judges (the ``guard`` object's probe and thresholds)."""
+    return GuardInfo(
+        probe_name=probe.name if probe is not None else None,
+        probe_sha256=probe.manifest_sha256 if probe is not None else None,
+        thresholds=policy.thresholds() if probe is not None else None,
+    )
+
+
 class GuardedModel:
     """A loaded model with a verified probe (or explicitly none: unguarded).
 
@@ -87,13 +110,8 @@ class GuardedModel:
             self.scorer = RiskScorer(probe, device=self.device)
             if scope_gate:
                 self.scope_gate = ScopeGate.from_probe(probe, loaded.model, scope_threshold)
-            policy = policy or Policy.from_probe(probe.manifest.thresholds, overrides)
-        self.policy = policy or _UNGUARDED_POLICY
-        self.info = GuardInfo(
-            probe_name=probe.name if probe is not None else None,
-            probe_sha256=probe.manifest_sha256 if probe is not None else None,
-            thresholds=self.policy.thresholds() if probe is not None else None,
-        )
+        self.policy = policy or policy_for(probe, overrides)
+        self.info = guard_info(probe, self.policy)
         tokenizer = loaded.tokenizer
         self.end_ids = frozenset(end_token_ids(loaded.model, tokenizer))
         self.pad_id = pad_token_id(tokenizer)
@@ -128,10 +146,8 @@ class GuardedModel:
 
     @property
     def chat_stop(self) -> tuple[str, ...]:
-        """Stop strings that end an assistant turn rendered by the prompt recipe (a base
-        model's completion recipe: e.g. ``"\\n"``); empty for chat templates."""
-        recipe = self.prompt_recipe
-        return recipe.stop if recipe.style == "completion" else ()
+        """Stop strings that end an assistant turn rendered by the prompt recipe."""
+        return self.prompt_recipe.turn_stop
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Prompt ids of a conversation, rendered by the probe's prompt recipe (chat
@@ -206,11 +222,8 @@ class GuardedModel:
             raise InvalidRequestError("the prompt is empty: give at least one token")
         if not response_ids:
             raise InvalidRequestError("the answer is empty: give at least one token to score")
-        tokenizer = self.loaded.tokenizer
-        texts = [str(tokenizer.decode([i], skip_special_tokens=True)) for i in response_ids]
         if self.scorer is None:
-            tokens = [TokenRisk(i, t, None) for i, t in zip(response_ids, texts, strict=True)]
-            return ScoreResult(self.info, None, self.policy.decide(None), tokens)
+            return judge_answer(self._engine, response_ids)
         scorer = self.scorer
         trace = teacher_force(
             self.loaded.model,
@@ -225,15 +238,33 @@ class GuardedModel:
         if self.scope_gate is not None and trace.prompt_hidden is not None:
             scope = self.scope_gate.judge(trace.prompt_hidden[None])[0]
         measured = scorer.measure(scorer.flatten(trace.cett))  # [tokens, 1 + layers]
-        logprobs, entropies = trace.logprobs.numpy(), trace.entropies.numpy()
-        score = scorer.score_answer(measured, logprobs, entropies)
-        tokens = [
-            TokenRisk(i, t, float(r))
-            for i, t, r in zip(response_ids, texts, score.token_risks, strict=True)
-        ]
-        logits = np.asarray(measured[:, 0], dtype=np.float64)
-        spans = scored_spans(scorer, tokenizer, response_ids, logits, logprobs, entropies)
-        decision = self.policy.decide(score.risk, scope=scope)
-        return ScoreResult(
-            self.info, score.risk, decision, tokens, score.layers, scope=scope, spans=spans
-        )
+        forced = (measured, trace.logprobs.numpy(), trace.entropies.numpy())
+        return judge_answer(self._engine, response_ids, forced, scope)
+
+
+def judge_answer(
+    context: RowContext,
+    response_ids: list[int],
+    forced: tuple[torch.Tensor | np.ndarray, np.ndarray, np.ndarray] | None = None,
+    scope: ScopeVerdict | None = None,
+) -> ScoreResult:
+    """The verdict on a teacher-forced answer from its measurements (every engine's
+    ``score``): ``forced`` = (`RiskScorer.measure` rows ``[tokens, 1 + layers]``, log-probs,
+    entropies), None when unguarded."""
+    tokenizer, scorer = context.tokenizer, context.scorer
+    texts = [str(tokenizer.decode([i], skip_special_tokens=True)) for i in response_ids]
+    if scorer is None or forced is None:
+        tokens = [TokenRisk(i, t, None) for i, t in zip(response_ids, texts, strict=True)]
+        return ScoreResult(context.info, None, context.policy.decide(None), tokens)
+    measured, logprobs, entropies = forced
+    score = scorer.score_answer(measured, logprobs, entropies)
+    tokens = [
+        TokenRisk(i, t, float(r))
+        for i, t, r in zip(response_ids, texts, score.token_risks, strict=True)
+    ]
+    logits = np.asarray(measured[:, 0], dtype=np.float64)
+    spans = scored_spans(scorer, tokenizer, response_ids, logits, logprobs, entropies)
+    decision = context.policy.decide(score.risk, scope=scope)
+    return ScoreResult(
+        context.info, score.risk, decision, tokens, score.layers, scope=scope, spans=spans
+    )

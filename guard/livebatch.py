@@ -24,7 +24,7 @@
 2. feeds every running row its pending token in one pass under one `NeuronCapture` (the
    probe's neurons, last-position mode), with one device-to-host copy ``[rows, 4 +
    layers]``: next ids, their log-prob and entropy, the fed tokens' `RiskScorer.measure`;
-   each `_Row` scores and decides (`guard.decoding`);
+   each `DecodeRow` scores and decides (`guard.decoding`);
 3. drops the rows that finished, aborted or were cancelled from the batch and the cache.
 
 When every running row ends with the token being fed, that last pass skips the LM head and
@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 
 # The row's state and its scoring belong to guard.decoding; the batch drives the rows.
-from guard.decoding import DecodeEngine, GenerationRequest, StepInfo, _make_row, _Row
+from guard.decoding import DecodeEngine, DecodeRow, GenerationRequest, StepInfo, _make_row
 from guard.errors import InvalidRequestError
 from guard.kvbatch import KVBatch, Prefix, PromptBatch, merge
 from guard.neurons import NeuronCapture
@@ -86,7 +86,7 @@ class _Joining:
     """Requests whose prompts are being prefilled together (`PromptBatch`); ``shared``: the
     most prompt tokens a row took from the prefix."""
 
-    rows: list[_Row]
+    rows: list[DecodeRow]
     prompts: PromptBatch
     shared: int
 
@@ -125,10 +125,10 @@ class LiveBatch:
                 layers=engine.mlp_layers,
                 last_position=True,
             )
-        self.rows: list[_Row] = []  # running: each has a sampled token to feed next
+        self.rows: list[DecodeRow] = []  # running: each has a sampled token to feed next
         self.kv: KVBatch | None = None  # the running rows' model state, in their order
         self.joining: _Joining | None = None
-        self.waiting: deque[_Row] = deque()
+        self.waiting: deque[DecodeRow] = deque()
 
     def __len__(self) -> int:
         """Requests in the batch: running, being prefilled, waiting to be."""
@@ -212,7 +212,7 @@ class LiveBatch:
         prefix = self.prefix
         shared = {id(r): prefix.shared(r.request.prompt_ids) if prefix else 0 for r in self.waiting}
 
-        def fed(row: _Row) -> int:
+        def fed(row: DecodeRow) -> int:
             return len(row.request.prompt_ids) - shared[id(row)]
 
         head = self.waiting[0]
@@ -308,7 +308,7 @@ class LiveBatch:
             return None, capture.pop_last()
 
     def _host_values(
-        self, rows: Sequence[_Row], logits: torch.Tensor | None, measured: torch.Tensor | None
+        self, rows: Sequence[DecodeRow], logits: torch.Tensor | None, measured: torch.Tensor | None
     ) -> tuple[list[list[float]], float]:
         """``[rows, 3 (+ 1 + layers)]`` on the host (next id, log-prob, entropy, the fed
         tokens' measurement), and the seconds of guard work: the pass's one host sync."""
@@ -343,7 +343,7 @@ class LiveBatch:
             self.rows = [self.rows[i] for i in keep]
 
 
-def _cancel_gone(rows: Sequence[_Row]) -> None:
+def _cancel_gone(rows: Sequence[DecodeRow]) -> None:
     """Finish the rows whose client went away."""
     for row in rows:
         if not row.done and row.request.sink.cancelled():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from guard.errors import ProbeError
+from guard.fingerprint import ModelFingerprint
 from guard.generation import GuardedModel
 from guard.model import DEFAULT_MODEL_SPEC, LoadedModel, load_model
 from guard.probe import Probe, load_probe
@@ -35,11 +36,7 @@ def probe_spec(settings: GuardSettings) -> str:
 
 def load_guarded(settings: GuardSettings) -> GuardedModel:
     """Model and verified probe from settings; unguarded only when explicitly allowed."""
-    probe: Probe | None = None
-    try:
-        probe = load_probe(probe_spec(settings), expected_sha256=settings.probe_sha256)
-    except ProbeError as exc:
-        _refuse_or_warn(settings, exc)
+    probe = settings_probe(settings)
     spec = settings.model or model_spec_of(probe)
     log.info("loading model %s", spec)
     loaded = load_model(spec)
@@ -48,6 +45,30 @@ def load_guarded(settings: GuardSettings) -> GuardedModel:
     except ProbeError as exc:
         _refuse_or_warn(settings, exc)
         return GuardedModel(loaded, None)
+
+
+def settings_probe(settings: GuardSettings) -> Probe | None:
+    """The settings' probe, hashes verified; None (unguarded) only when explicitly allowed."""
+    try:
+        return load_probe(probe_spec(settings), expected_sha256=settings.probe_sha256)
+    except ProbeError as exc:
+        _refuse_or_warn(settings, exc)
+        return None
+
+
+def verified_probe(
+    settings: GuardSettings, probe: Probe | None, fingerprint: ModelFingerprint
+) -> Probe | None:
+    """``probe`` if it was trained on the model with ``fingerprint`` (engines that hold no
+    transformers model: vLLM); else refuse, or warn and serve unguarded when allowed."""
+    if probe is None:
+        return None
+    try:
+        probe.verify_model(fingerprint)
+    except ProbeError as exc:
+        _refuse_or_warn(settings, exc)
+        return None
+    return probe
 
 
 def configured(loaded: LoadedModel, probe: Probe | None, settings: GuardSettings) -> GuardedModel:

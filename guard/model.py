@@ -183,8 +183,13 @@ def fingerprint_model(model: torch.nn.Module) -> ModelFingerprint:
 
 def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """Token ids that end a response (end-of-sequence and end-of-turn)."""
+    return end_ids_of(model.generation_config, tokenizer)
+
+
+def end_ids_of(generation_config: object, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """`end_token_ids` from a generation config (engines that hold no transformers model)."""
     ids: set[int] = set()
-    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = getattr(generation_config, "eos_token_id", None)
     if isinstance(configured, int):
         ids.add(configured)
     elif configured:

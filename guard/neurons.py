@@ -35,6 +35,10 @@ _DOWN_PROJ_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("fc2", re.compile(r"(?:^|\.)decoder\.layers\.(\d+)\.fc2$")),
 )
 
+# Linear layers with nn.Linear's [out, in] weight that are not nn.Linear: vLLM's down
+# projection (tensor-parallel: each rank holds the columns of its own neurons).
+_LINEAR_LIKE = frozenset({"RowParallelLinear"})
+
 _EPS = 1e-12
 
 
@@ -83,7 +87,8 @@ def find_mlp_layers(model: nn.Module) -> list[MLPLayer]:
             if match is None:
                 continue
             transposed = type(module).__name__ == "Conv1D"
-            if not transposed and not isinstance(module, nn.Linear):
+            linear = isinstance(module, nn.Linear) or type(module).__name__ in _LINEAR_LIKE
+            if not transposed and not linear:
                 raise UnsupportedArchitectureError(
                     f"{name} is a {type(module).__name__}, expected nn.Linear or Conv1D"
                 )

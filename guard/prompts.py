@@ -72,6 +72,12 @@ class PromptRecipe(BaseModel):
                 dump.pop(key)
         return dump
 
+    @property
+    def turn_stop(self) -> tuple[str, ...]:
+        """Stop strings that end an assistant turn as rendered (a completion recipe's, e.g.
+        ``"\\n"``; none for chat templates, whose turns end with an end token)."""
+        return self.stop if self.style == "completion" else ()
+
     def messages(self, question: str) -> list[dict[str, str]]:
         """The chat messages for one question (completion style: the bare question; the
         instruction and shots are part of the rendering)."""

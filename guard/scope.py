@@ -80,12 +80,21 @@ class ScopeGate:
     ) -> ScopeGate | None:
         """The probe's gate, checked against the model's hidden size; None without one.
         ``threshold`` overrides the manifest's (``GUARD_SCOPE_THRESHOLD``)."""
-        recipe, weights = probe.manifest.scope, probe.scope
-        if recipe is None or weights is None:
+        if probe.manifest.scope is None or probe.scope is None:
             return None
         head = _lm_head(model)
         weight = getattr(head, "weight", None)
         hidden = int(weight.shape[1]) if isinstance(weight, torch.Tensor) else -1
+        return cls.for_hidden_size(probe, hidden, threshold)
+
+    @classmethod
+    def for_hidden_size(
+        cls, probe: Probe, hidden: int, threshold: float | None = None
+    ) -> ScopeGate | None:
+        """`from_probe` for a model known by its hidden size (an engine that holds none)."""
+        recipe, weights = probe.manifest.scope, probe.scope
+        if recipe is None or weights is None:
+            return None
         if hidden != recipe.hidden_size:
             raise ProbeModelMismatchError(
                 f"probe '{probe.name}': its scope gate reads {recipe.hidden_size} hidden "

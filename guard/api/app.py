@@ -1,10 +1,12 @@
 """create_app(settings): the FastAPI application, its services, middleware and lifespan.
 
-Nothing is built at import time. The lifespan loads model and probe (unless an already
-configured `GuardedModel` is given, as tests and `run_server` do), starts the engine
-(`guard.engine`), and stops it on shutdown; ``/readyz`` says ready only in between.
+Nothing is built at import time. The lifespan builds the engine (`guard.engine`): the
+transformers engine on a loaded model (unless an already configured `GuardedModel` is
+given, as tests and `run_server` do), or whatever ``engine_factory`` builds (the vLLM
+engine); it starts it, and stops it on shutdown; ``/readyz`` says ready only in between.
 
     app = create_app(GuardSettings(probe="default"))
+    app = create_app(settings, engine_factory=lambda metrics: VLLMEngine(settings, metrics))
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -30,7 +32,7 @@ from guard.api.errors import body_too_large, install_error_handlers, shutting_do
 from guard.api.openapi import install_openapi
 from guard.audit import AuditLog
 from guard.batching import MicroBatcher
-from guard.engine import TransformersEngine
+from guard.engine import Engine, TransformersEngine
 from guard.generation import GuardedModel
 from guard.loading import load_guarded
 from guard.metrics import GuardMetrics
@@ -46,15 +48,23 @@ KNOWN_ROUTES = frozenset(
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
-def start_services(services: Services, guarded: GuardedModel) -> None:
-    """Wire a configured model into the services (as the engine) and start it."""
-    settings, metrics = services.settings, services.metrics
-    engine = TransformersEngine(
+EngineFactory = Callable[[GuardMetrics], Engine]
+
+
+def transformers_engine(guarded: GuardedModel, services: Services) -> TransformersEngine:
+    """Our own decode loop on a configured model, sized by the settings."""
+    settings = services.settings
+    return TransformersEngine(
         MicroBatcher(
             guarded, max_batch=settings.max_batch, queue_size=settings.queue_size,
-            batch_wait_ms=settings.batch_wait_ms, metrics=metrics,
+            batch_wait_ms=settings.batch_wait_ms, metrics=services.metrics,
         )
     )  # fmt: skip
+
+
+def start_services(services: Services, engine: Engine) -> None:
+    """Wire an engine into the services and start it."""
+    settings, metrics = services.settings, services.metrics
     engine.start()
     services.engine = engine
     services.served_model_name = settings.served_model_name or engine.model_id
@@ -168,18 +178,27 @@ def create_app(
     settings: GuardSettings | None = None,
     *,
     guarded: GuardedModel | None = None,
+    engine_factory: EngineFactory | None = None,
     registry: CollectorRegistry | None = None,
 ) -> FastAPI:
     """The app; loads model and probe in its lifespan (`guard.loading.load_guarded`) unless
-    ``guarded`` is given, already configured (`guard.loading.configured`): it is used as is."""
+    ``guarded`` is given, already configured (`guard.loading.configured`): it is used as is.
+    ``engine_factory`` (given the app's metrics) replaces the transformers engine."""
     settings = settings or get_settings()
     registry = registry if registry is not None else CollectorRegistry()
     services = Services(settings=settings, registry=registry, metrics=GuardMetrics(registry))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        model = guarded if guarded is not None else await asyncio.to_thread(load_guarded, settings)
-        start_services(services, model)
+        engine: Engine
+        if engine_factory is not None:
+            engine = await asyncio.to_thread(engine_factory, services.metrics)
+        else:
+            model = (
+                guarded if guarded is not None else await asyncio.to_thread(load_guarded, settings)
+            )
+            engine = transformers_engine(model, services)
+        start_services(services, engine)
         try:
             yield
         finally:

@@ -57,11 +57,16 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def run_server(settings: GuardSettings, host: str, port: int) -> int:
+def run_server(settings: GuardSettings, host: str, port: int, engine: str = "transformers") -> int:
     """Load model and probe once (a clear error before listening if either is unusable),
-    then serve until a signal."""
-    guarded = load_guarded(settings)
-    app = create_app(settings, guarded=guarded)
+    then serve until a signal. ``engine="vllm"`` generates with vLLM (`guard.vllm_engine`,
+    in its own venv: ``make install-vllm``), built in the app's lifespan, before listening."""
+    if engine == "vllm":
+        from guard.vllm_engine import VLLMEngine
+
+        app = create_app(settings, engine_factory=lambda metrics: VLLMEngine(settings, metrics))
+    else:
+        app = create_app(settings, guarded=load_guarded(settings))
     config = uvicorn.Config(
         app, host=host, port=port, access_log=False, log_config=None,
         timeout_graceful_shutdown=1, lifespan="on",

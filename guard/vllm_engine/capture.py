@@ -1,0 +1,271 @@
+"""The worker side of the vLLM engine: CETT and logit statistics inside vLLM's forward.
+
+vLLM runs one flattened batch per step: every scheduled request's tokens back to back
+(prefill chunks and decodes mixed), request ``i`` owning rows
+``query_start_loc[i]:query_start_loc[i + 1]`` in the order of the model runner's input
+batch (``input_batch.req_ids``). `StepCapture` hooks (through `guard.hooks.ModelHooks`):
+
+- the model's forward pre-hook: the step's layout (request order, ``query_start_loc``
+  from the attention metadata, ``positions``) and which rows matter: *response rows*
+  (position >= the request's prompt length: a generated token being fed, or a
+  teacher-forced answer token) and each request's last prompt row (the scope gate's input);
+- each probe layer's down projection (`RowParallelLinear`): ``z`` of the probe's neurons
+  and ``||h||`` on the response rows only (no full-width copy leaves the hook);
+- the model's forward hook: the final hidden state at the last prompt row, and for
+  teacher-forced requests the full-vocabulary logits at the rows that predict answer tokens;
+- the sampler's pre-hook (the raw logits it samples from, one row per request) and its
+  forward hook (the sampled ids): ``logprob`` and ``entropy`` of the sampled token
+  (`guard.scoring.logit_statistics`, temperature 1, before any processing).
+
+At the end of a step (the sampler's hook) the response rows' CETT becomes
+`RiskScorer.measure` rows, and every request's values are kept as a `StepRecord` until
+the engine takes them (`take`). One host copy per step. With TP > 1 each rank would hold
+its own neurons' ``z`` (row-parallel input) and the all-reduced ``h``: docs/ARCHITECTURE.md.
+
+Needs eager execution: CUDA graphs replay without running Python hooks, and torch.compile
+would trace these host reads into graph breaks (`guard.vllm_engine.engine` forces
+``enforce_eager``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from guard.errors import CaptureError
+from guard.hooks import Hook, ModelHooks
+from guard.neurons import cett_from_parts, find_mlp_layers, output_norms
+from guard.scoring import RiskScorer, logit_statistics
+
+
+@dataclass
+class Tracked:
+    """A request the capture measures: its prompt length, and for teacher forcing the
+    whole sequence (prompt + answer), whose answer tokens are scored from the prompt pass."""
+
+    prompt_len: int
+    forced_ids: list[int] | None = None
+
+
+@dataclass
+class StepRecord:
+    """One request's values from one step.
+
+    ``sampled``: (token id, log-prob, entropy) of the token sampled this step (also for a
+    partial prefill chunk, whose sample vLLM discards); ``measured``: `RiskScorer.measure`
+    row per response index fed this step; ``prompt_hidden``: the final hidden state at the
+    last prompt token (the step that reached it); ``forced``: (log-prob, entropy) per
+    teacher-forced answer index predicted this step."""
+
+    sampled: tuple[int, float, float] | None = None
+    measured: dict[int, list[float]] = field(default_factory=dict)
+    prompt_hidden: torch.Tensor | None = None
+    forced: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+
+@dataclass
+class _Layout:
+    """Which rows of this step's flat batch matter, and whose they are."""
+
+    req_ids: list[str]
+    response_rows: torch.Tensor  # [N] row indices into the flat batch
+    response_of: list[tuple[str, int]]  # per response row: (request, response index)
+    prompt_rows: dict[str, int]  # request -> row of its last prompt token
+    forced_rows: dict[str, tuple[torch.Tensor, list[int], list[int]]]  # rows, indices, next ids
+
+
+class StepCapture(ModelHooks):
+    """Hooks on one vLLM model runner; ``with`` registers them, exit removes them."""
+
+    def __init__(self, runner: Any, scorer: RiskScorer | None) -> None:
+        self.runner = runner
+        self.model: Any = runner.get_model()  # vLLM's model: compute_logits, config
+        self.scorer = scorer
+        self.tracked: dict[str, Tracked] = {}
+        self._lock = threading.Lock()
+        self._records: dict[str, StepRecord] = {}
+        self._layout: _Layout | None = None
+        self._parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._logits: torch.Tensor | None = None
+        self._seconds = 0.0  # guard work inside vLLM's step (hooks), since `pop_seconds`
+        hooks = [
+            Hook(self.model, self._on_model_input, pre=True, with_kwargs=True),
+            Hook(self.model, self._on_model_output, with_kwargs=True),
+            Hook(runner.sampler, self._on_sampler_input, pre=True, with_kwargs=True),
+            Hook(runner.sampler, self._on_sampler_output, with_kwargs=True),
+        ]
+        self._neurons: dict[int, torch.Tensor] = {}
+        scale: list[torch.Tensor] = []
+        if scorer is not None:
+            layers = {layer.index: layer for layer in find_mlp_layers(self.model)}
+            for index, neurons in scorer.neuron_selection().items():
+                if index not in layers:
+                    raise CaptureError(f"the vLLM model has no MLP layer {index}")
+                selected = torch.as_tensor(neurons, dtype=torch.long)
+                self._neurons[index] = selected
+                scale.append(layers[index].column_norms[selected].float())
+                hooks.append(Hook(layers[index].module, self._make_layer_hook(index)))
+        self._scale = torch.cat(scale) if scale else torch.zeros(0)
+        widths = [len(n) for n in self._neurons.values()]
+        self._slot = torch.repeat_interleave(torch.arange(len(widths)), torch.as_tensor(widths))
+        super().__init__(self.model, "vllm step", hooks)
+
+    # --- engine side ---
+    def track(self, req_id: str, tracked: Tracked) -> None:
+        with self._lock:
+            self.tracked[req_id] = tracked
+
+    def forget(self, req_id: str) -> None:
+        with self._lock:
+            self.tracked.pop(req_id, None)
+            self._records.pop(req_id, None)
+
+    def take(self) -> dict[str, StepRecord]:
+        """Every request's values since the last call (the engine calls it after a step)."""
+        with self._lock:
+            records, self._records = self._records, {}
+        return records
+
+    def pop_seconds(self) -> float:
+        """Seconds the hooks spent since the last call (the scoring-time metric)."""
+        seconds, self._seconds = self._seconds, 0.0
+        return seconds
+
+    def _record(self, req_id: str) -> StepRecord:
+        return self._records.setdefault(req_id, StepRecord())
+
+    # --- hooks (the worker's thread, inside vLLM's step) ---
+    def _on_model_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+        if not isinstance(positions, torch.Tensor) or positions.dim() != 1:
+            raise CaptureError("vLLM called the model without flat 1-D positions")
+        batch = self.runner.input_batch
+        req_ids = list(batch.req_ids[: batch.num_reqs])
+        starts = _query_start_loc(self.runner, len(req_ids))
+        if starts[-1] > positions.numel():
+            raise CaptureError(f"query_start_loc {starts} overruns {positions.numel()} tokens")
+        self._layout = self._plan(req_ids, starts, positions.tolist())
+        self._parts = {}
+        self._seconds += time.perf_counter() - started
+
+    def _plan(self, req_ids: list[str], starts: list[int], positions: list[int]) -> _Layout:
+        rows: list[int] = []
+        response_of: list[tuple[str, int]] = []
+        prompt_rows: dict[str, int] = {}
+        forced_rows: dict[str, tuple[torch.Tensor, list[int], list[int]]] = {}
+        with self._lock:
+            tracked = dict(self.tracked)
+        for i, req_id in enumerate(req_ids):
+            info = tracked.get(req_id)
+            if info is None:
+                continue
+            plen = info.prompt_len
+            f_rows, f_index, f_next = [], [], []
+            for row in range(starts[i], starts[i + 1]):
+                pos = positions[row]
+                if pos >= plen:
+                    rows.append(row)
+                    response_of.append((req_id, pos - plen))
+                elif pos == plen - 1:
+                    prompt_rows[req_id] = row
+                if info.forced_ids is not None and plen - 1 <= pos < len(info.forced_ids) - 1:
+                    f_rows.append(row)
+                    f_index.append(pos + 1 - plen)
+                    f_next.append(info.forced_ids[pos + 1])
+            if f_rows:
+                forced_rows[req_id] = (torch.as_tensor(f_rows), f_index, f_next)
+        return _Layout(req_ids, torch.as_tensor(rows, dtype=torch.long), response_of,
+                       prompt_rows, forced_rows)  # fmt: skip
+
+    def _make_layer_hook(self, index: int):  # type: ignore[no-untyped-def]
+        neurons = self._neurons[index]
+
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+            layout = self._layout
+            if layout is None or layout.response_rows.numel() == 0:
+                return
+            started = time.perf_counter()
+            h = output[0] if isinstance(output, tuple) else output
+            rows = layout.response_rows.to(h.device)
+            z = inputs[0].index_select(0, rows).index_select(1, neurons.to(h.device))
+            self._parts[index] = (z.float(), output_norms(h.index_select(0, rows)))
+            self._seconds += time.perf_counter() - started
+
+        return hook
+
+    def _on_model_output(  # type: ignore[no-untyped-def]
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ):
+        layout = self._layout
+        if layout is None or not isinstance(output, torch.Tensor):
+            return
+        with torch.no_grad():
+            for req_id, row in layout.prompt_rows.items():
+                self._record(req_id).prompt_hidden = output[row].float().clone()
+            for req_id, (rows, indices, next_ids) in layout.forced_rows.items():
+                logits = self.model.compute_logits(output.index_select(0, rows.to(output.device)))
+                logprob, entropy = logit_statistics(logits, torch.as_tensor(next_ids))
+                stats = zip(indices, logprob.tolist(), entropy.tolist(), strict=True)
+                self._record(req_id).forced.update({i: (lp, e) for i, lp, e in stats})
+
+    def _on_sampler_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):  # type: ignore[no-untyped-def]
+        logits = kwargs.get("logits", args[0] if args else None)
+        # the sampler may modify its float32 input in place (temperature, penalties)
+        self._logits = logits.detach().clone() if isinstance(logits, torch.Tensor) else None
+
+    def _on_sampler_output(  # type: ignore[no-untyped-def]
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ):
+        layout, logits, self._logits, self._layout = self._layout, self._logits, None, None
+        if layout is None or logits is None:
+            return
+        started = time.perf_counter()
+        with torch.no_grad():
+            sampled = output.sampled_token_ids[:, 0].long()
+            logprob, entropy = logit_statistics(logits, sampled)
+            values = torch.stack([sampled.double(), logprob.double(), entropy.double()], 1)
+            measured = self._measure(layout)
+            rows, measured_rows = values.tolist(), measured.tolist() if measured is not None else []
+        with self._lock:
+            for req_id, (token, lp, ent) in zip(layout.req_ids, rows, strict=False):
+                if req_id in self.tracked:
+                    self._record(req_id).sampled = (int(token), lp, ent)
+            for (req_id, index), row in zip(layout.response_of, measured_rows, strict=True):
+                self._record(req_id).measured[index] = row
+        self._seconds += time.perf_counter() - started
+
+    def _measure(self, layout: _Layout) -> torch.Tensor | None:
+        """`RiskScorer.measure` of this step's response rows ``[N, 1 + layers]``."""
+        scorer = self.scorer
+        if scorer is None or layout.response_rows.numel() == 0:
+            return None
+        if set(self._parts) != set(self._neurons):
+            raise CaptureError(f"probe layers {sorted(self._neurons)} did not all run this step")
+        parts = [self._parts[index] for index in self._neurons]
+        z = torch.cat([part[0] for part in parts], dim=-1)
+        norms = torch.cat([part[1] for part in parts], dim=-1)  # [N, layers]
+        self._parts = {}
+        cett = cett_from_parts(z, norms.index_select(-1, self._slot), self._scale)
+        return scorer.measure(cett).double()
+
+
+def _query_start_loc(runner: Any, num_reqs: int) -> list[int]:
+    """Request boundaries of the step: the attention metadata's ``query_start_loc`` (the
+    forward context), else the runner's own buffer it was built from."""
+    from vllm.forward_context import get_forward_context
+
+    metadata = get_forward_context().attn_metadata
+    if isinstance(metadata, list):  # micro-batched: one dict per ubatch (not used here)
+        metadata = metadata[0] if metadata else None
+    if isinstance(metadata, dict):
+        for value in metadata.values():
+            loc = getattr(value, "query_start_loc", None)
+            if isinstance(loc, torch.Tensor):
+                return [int(v) for v in loc[: num_reqs + 1].tolist()]
+    return [int(v) for v in runner.query_start_loc.np[: num_reqs + 1].tolist()]

@@ -1,0 +1,181 @@
+"""The vLLM engine against the transformers engine on SmolLM2 with the shipped probe.
+
+One vLLM engine for the module, started on purpose with a small token budget per step
+(``max_num_batched_tokens=48``, at most 6 sequences): prompts are prefilled in chunks and
+mixed with other requests' decodes in one flat batch, so every number below also tests
+that CETT and logit statistics are attributed to the right request.
+
+Parity: for the same token ids, per-token risks within 1e-3 and the same decisions.
+Greedy answers are token-identical here (float32 on both sides); should a future kernel
+change flip a near-tie, the first differing token is reported and risks are compared
+only up to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from guard.api.app import create_app
+from guard.generation import GuardedModel
+from guard.loading import configured
+from guard.model import LoadedModel
+from guard.probe import load_probe
+from guard.results import GenerationResult
+from guard.sampling import SamplingParams
+from guard.settings import GuardSettings
+from tests.fixtures.servers import serve_in_thread
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Who wrote the play Romeo and Juliet?",
+    "Which planet is known as the Red Planet?",
+    "In which year did the Berlin Wall fall?",
+    "What is the chemical symbol for gold?",
+]
+ANSWERS = ["Paris.", "William Shakespeare wrote it.", "Mars", "It fell in 1991.", "Ag"]
+TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def engines(
+    smollm2: LoadedModel, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[object, GuardedModel]]:
+    from guard.vllm_engine import VLLMEngine
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("GUARD_EXPORT_DIR", str(tmp_path_factory.mktemp("export")))
+    settings = GuardSettings(probe="default", max_batch=6, max_new_tokens=32)
+    engine = VLLMEngine(settings, max_num_batched_tokens=48, enable_chunked_prefill=True)
+    reference = configured(smollm2, load_probe("default"), settings)
+    engine.start()
+    try:
+        yield engine, reference
+    finally:
+        engine.stop(30)
+        monkeypatch.undo()
+
+
+async def _generate(
+    engine: object, prompts: list[list[int]], max_tokens: int
+) -> list[GenerationResult]:
+    async def one(ids: list[int]) -> GenerationResult:
+        stream = engine.submit(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0))  # type: ignore[attr-defined]
+        async for item in stream.events():
+            if isinstance(item, GenerationResult):
+                return item
+        raise AssertionError("stream ended without a result")
+
+    return list(await asyncio.gather(*(one(ids) for ids in prompts)))
+
+
+def _assert_same_verdict(ours: object, theirs: object) -> None:
+    assert ours.decision == theirs.decision  # type: ignore[attr-defined]
+    assert ours.risk == pytest.approx(theirs.risk, abs=TOL)  # type: ignore[attr-defined]
+    mine, other = ours.scope, theirs.scope  # type: ignore[attr-defined]
+    assert (mine is None) == (other is None)
+    if mine is not None:
+        assert mine.in_scope == other.in_scope and abs(mine.score - other.score) < TOL
+
+
+def test_teacher_forced_risks_match_per_token(engines: tuple[object, GuardedModel]) -> None:
+    engine, reference = engines
+
+    async def score_all() -> list[object]:
+        jobs = []
+        for question, answer in zip(QUESTIONS, ANSWERS, strict=True):
+            prompt = engine.encode_question(question)  # type: ignore[attr-defined]
+            jobs.append(engine.score(prompt, engine.encode_answer(answer)))  # type: ignore[attr-defined]
+        return list(await asyncio.gather(*jobs))
+
+    for question, answer, ours in zip(QUESTIONS, ANSWERS, asyncio.run(score_all()), strict=True):
+        prompt = reference.encode_chat(reference.prompt_recipe.messages(question))
+        theirs = reference.score_ids(prompt, reference.encode_answer(answer))
+        assert ours.token_ids == theirs.token_ids  # type: ignore[attr-defined]
+        assert ours.token_risks == pytest.approx(theirs.token_risks, abs=TOL)  # type: ignore[attr-defined]
+        _assert_same_verdict(ours, theirs)
+        assert ours.layers.keys() == theirs.layers.keys()  # type: ignore[attr-defined]
+
+
+def test_greedy_answers_and_their_risks_match(engines: tuple[object, GuardedModel]) -> None:
+    engine, reference = engines
+    prompts = [reference.encode_chat(reference.prompt_recipe.messages(q)) for q in QUESTIONS]
+    ours = asyncio.run(_generate(engine, prompts, 16))
+    for prompt, mine in zip(prompts, ours, strict=True):
+        theirs = reference.generate(prompt, SamplingParams(max_tokens=16, temperature=0.0))
+        same = next(
+            (
+                i
+                for i, (a, b) in enumerate(zip(mine.token_ids, theirs.token_ids, strict=False))
+                if a != b
+            ),
+            None,
+        )
+        assert same is None and mine.token_ids == theirs.token_ids, (
+            f"greedy answers differ from token {same}: {mine.text!r} vs {theirs.text!r}"
+        )
+        assert mine.finish_reason == theirs.finish_reason and mine.text == theirs.text
+        assert mine.token_risks == pytest.approx(theirs.token_risks, abs=TOL)
+        _assert_same_verdict(mine, theirs)
+    # the same answers, judged teacher-forced by the transformers engine: the streamed
+    # risk of a generated answer is the risk of that answer
+    for prompt, mine in zip(prompts, ours, strict=True):
+        forced = reference.score_ids(prompt, mine.token_ids)
+        assert mine.risk == pytest.approx(forced.risk, abs=TOL)
+
+
+def test_cancelling_a_stream_aborts_its_vllm_request(engines: tuple[object, GuardedModel]) -> None:
+    engine, reference = engines
+    prompt = reference.encode_chat(reference.prompt_recipe.messages(QUESTIONS[0]))
+
+    async def cancel_after_two() -> GenerationResult:
+        stream = engine.submit(
+            prompt, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+        )  # type: ignore[attr-defined]
+        for _ in range(2):
+            await stream.next(timeout=120)
+        stream.cancel()
+        while True:
+            item = await stream.next(timeout=120)
+            if isinstance(item, GenerationResult):
+                return item
+
+    result = asyncio.run(cancel_after_two())
+    assert result.finish_reason == "cancelled" and 2 <= len(result.tokens) < 32
+    assert engine.llm.get_num_unfinished_requests() == 0  # type: ignore[attr-defined]
+
+
+def test_http_api_serves_the_guard_object_through_vllm(
+    engines: tuple[object, GuardedModel], tmp_path: Path
+) -> None:
+    """Last in the module: the app's shutdown stops the engine."""
+    engine, reference = engines
+    settings = GuardSettings(probe="default", max_new_tokens=32, served_model_name="m")
+    app = create_app(settings, engine_factory=lambda metrics: engine)
+    body = {
+        "model": "m", "temperature": 0, "max_tokens": 8,
+        "messages": [{"role": "user", "content": QUESTIONS[2]}],
+    }  # fmt: skip
+    with serve_in_thread(app, timeout_s=120) as url:
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300).json()
+        score = httpx.post(
+            f"{url}/v1/guard/score", json={"question": QUESTIONS[2], "answer": "Mars"}, timeout=300
+        ).json()
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    guard = reply["guard"]
+    assert guard["guarded"] and guard["probe"]["name"] == reference.info.probe_name
+    theirs = reference.generate(
+        reference.encode_chat(body["messages"]), SamplingParams(max_tokens=8, temperature=0.0)
+    )
+    assert guard["risk"] == pytest.approx(theirs.risk, abs=TOL)
+    assert guard["decision"] == theirs.decision.value
+    assert score["guard"]["risk"] == pytest.approx(
+        reference.score(question=QUESTIONS[2], answer="Mars").risk, abs=TOL
+    )
+    assert "hguard_generated_tokens_total" in metrics
