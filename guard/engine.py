@@ -138,7 +138,7 @@ class TransformersEngine:
         return self.guarded_model.encode_text(text)
 
     def encode_question(self, question: str) -> list[int]:
-        return self.guarded_model.encode_chat(self.guarded_model.prompt_recipe.messages(question))
+        return self.guarded_model.prompts.encode_question(question)
 
     def encode_answer(self, text: str) -> list[int]:
         return self.guarded_model.encode_answer(text)

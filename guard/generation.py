@@ -36,7 +36,7 @@ from guard.decoding import (
 from guard.errors import InvalidRequestError
 from guard.forcing import teacher_force
 from guard.livebatch import DEFAULT_PREFILL_TOKENS, LiveBatch, decode_batch
-from guard.model import LoadedModel, encode_chats, end_token_ids, pad_token_id
+from guard.model import LoadedModel, PromptEncoder, end_token_ids, pad_token_id
 from guard.neurons import find_mlp_layers
 from guard.policy import Policy, ThresholdOverrides
 from guard.probe import Probe, PromptRecipe
@@ -103,6 +103,7 @@ class GuardedModel:
     ) -> None:
         self.loaded = loaded
         self.probe = probe
+        self.prompts = PromptEncoder(loaded.tokenizer, self.prompt_recipe)
         self.scorer: RiskScorer | None = None
         self.scope_gate: ScopeGate | None = None
         if probe is not None:
@@ -146,25 +147,17 @@ class GuardedModel:
 
     @property
     def chat_stop(self) -> tuple[str, ...]:
-        """Stop strings that end an assistant turn rendered by the prompt recipe."""
-        return self.prompt_recipe.turn_stop
+        return self.prompts.chat_stop
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Prompt ids of a conversation, rendered by the probe's prompt recipe (chat
-        template and generation prompt, or the completion transcript: `guard.prompts`)."""
-        prompts, _, _ = encode_chats(self.loaded.tokenizer, [list(messages)], self.prompt_recipe)
-        return prompts[0]
+        """Prompt ids of a conversation (`guard.model.PromptEncoder`)."""
+        return self.prompts.encode_chat(messages)
 
     def encode_text(self, text: str) -> list[int]:
-        """Prompt ids of raw text (``/v1/completions``), with the tokenizer's special tokens."""
-        ids = self.loaded.tokenizer(text)["input_ids"]
-        return [int(i) for i in ids]
+        return self.prompts.encode_text(text)
 
     def encode_answer(self, text: str) -> list[int]:
-        """Response ids of an answer text (no special tokens), as it follows the prompt."""
-        text = self.prompt_recipe.answer_text(text)
-        ids = self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return [int(i) for i in ids]
+        return self.prompts.encode_answer(text)
 
     def generate_batch(
         self,

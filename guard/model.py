@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,39 @@ def encode_chats(
         prompts.append([int(i) for i in ids])
     input_ids, attention_mask = left_pad(prompts, pad_token_id(tokenizer))
     return prompts, input_ids, attention_mask
+
+
+@dataclass(frozen=True)
+class PromptEncoder:
+    """A tokenizer under a probe's prompt recipe: how every engine turns a request into
+    token ids (`guard.engine.Engine`'s tokenising half)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    recipe: PromptRecipe
+
+    @property
+    def chat_stop(self) -> tuple[str, ...]:
+        """Stop strings that end an assistant turn as the recipe renders it."""
+        return self.recipe.turn_stop
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Prompt ids of a conversation, rendered by the recipe (chat template and
+        generation prompt, or the completion transcript: `guard.prompts`)."""
+        prompts, _, _ = encode_chats(self.tokenizer, [list(messages)], self.recipe)
+        return prompts[0]
+
+    def encode_text(self, text: str) -> list[int]:
+        """Prompt ids of raw text (``/v1/completions``), with the tokenizer's special tokens."""
+        return [int(i) for i in self.tokenizer(text)["input_ids"]]
+
+    def encode_question(self, question: str) -> list[int]:
+        """A question asked the way the probe's training questions were."""
+        return self.encode_chat(self.recipe.messages(question))
+
+    def encode_answer(self, text: str) -> list[int]:
+        """Response ids of an answer text (no special tokens), as it follows the prompt."""
+        text = self.recipe.answer_text(text)
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,7 +38,7 @@ from guard.fingerprint import ModelFingerprint
 from guard.generation import guard_info, policy_for
 from guard.loading import model_spec_of, settings_probe, verified_probe
 from guard.metrics import GuardMetrics
-from guard.model import encode_chats, end_ids_of, fingerprint_model, prepare_tokenizer
+from guard.model import PromptEncoder, end_ids_of, fingerprint_model, prepare_tokenizer
 from guard.neurons import find_mlp_layers
 from guard.policy import Policy
 from guard.probe import Probe, PromptRecipe
@@ -153,6 +153,7 @@ class VLLMEngine:
         if recorded is not None and recorded != fingerprint:
             log.warning("vLLM's weights differ from the export's record: %s", directory)
         self.probe: Probe | None = verified_probe(settings, probe, fingerprint)
+        self.prompts = PromptEncoder(self.tokenizer, self.prompt_recipe)
         scorer = RiskScorer(self.probe) if self.probe is not None else None
         policy = policy_for(self.probe, settings)
         self.gate: ScopeGate | None = None
@@ -212,21 +213,19 @@ class VLLMEngine:
 
     @property
     def chat_stop(self) -> tuple[str, ...]:
-        return self.prompt_recipe.turn_stop
+        return self.prompts.chat_stop
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        prompts, _, _ = encode_chats(self.tokenizer, [list(messages)], self.prompt_recipe)
-        return prompts[0]
+        return self.prompts.encode_chat(messages)
 
     def encode_text(self, text: str) -> list[int]:
-        return [int(i) for i in self.tokenizer(text)["input_ids"]]
+        return self.prompts.encode_text(text)
 
     def encode_question(self, question: str) -> list[int]:
-        return self.encode_chat(self.prompt_recipe.messages(question))
+        return self.prompts.encode_question(question)
 
     def encode_answer(self, text: str) -> list[int]:
-        text = self.prompt_recipe.answer_text(text)
-        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+        return self.prompts.encode_answer(text)
 
     # --- lifecycle ---
     def start(self) -> None:
