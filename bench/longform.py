@@ -41,6 +41,8 @@ log = logging.getLogger("longform")
 def collect(work: Path, names: list[str] | None, heldout: Path | None, batch_size: int) -> None:
     """Answers and traces of every set (resumable: finished sets are skipped)."""
     from guard.generation import GuardedModel
+    from guard.model import load_model
+    from guard.probe import load_probe
     from probes.longform_data import (
         NQ_OPEN,
         TRIVIAQA,
@@ -50,7 +52,7 @@ def collect(work: Path, names: list[str] | None, heldout: Path | None, batch_siz
     )
     from probes.madeup import Vocabulary
 
-    guarded = GuardedModel.from_spec(None, "default")
+    guarded = GuardedModel(load_model(), load_probe("default"))
     if guarded.scorer is None:
         raise RuntimeError("the shipped probe did not load")
     sets = standard_sets(Vocabulary.from_qa_files([TRIVIAQA, NQ_OPEN]))

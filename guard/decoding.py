@@ -26,7 +26,7 @@ seeded request gives the same answer alone or in any batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -34,6 +34,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from guard.knowledge import KnowledgeGate
 from guard.neurons import MLPLayer
 from guard.policy import Policy
 from guard.results import FinishReason, GenerationResult, GuardInfo, ScopeVerdict, TokenRisk
@@ -61,8 +62,9 @@ class TokenEvent:
     """One scored response token as it is produced.
 
     ``delta`` is the answer text that became safe to send with it (possibly empty: text
-    that may start a stop string, or half a UTF-8 character, is held back). ``scope`` is
-    the request's scope verdict (known from the prompt pass on), None without a gate.
+    that may start a stop string, or half a UTF-8 character, is held back). ``scope`` and
+    ``prompt_risk`` are the request's scope verdict and knowledge gate risk (known from the
+    prompt pass on), None without those gates.
     """
 
     index: int
@@ -70,6 +72,7 @@ class TokenEvent:
     delta: str
     running_risk: float | None
     scope: ScopeVerdict | None = None
+    prompt_risk: float | None = None
 
 
 class GenerationSink(Protocol):
@@ -103,7 +106,8 @@ class StepInfo:
 @dataclass(frozen=True)
 class DecodeEngine:
     """What the loop needs: model, tokenizer, the scorer (None = unguarded), the policy
-    that decides, and the scope gate (None = every prompt in scope)."""
+    that decides, the scope gate (None = every prompt in scope) and the knowledge gate
+    (None = no prompt risk)."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -114,6 +118,7 @@ class DecodeEngine:
     mlp_layers: list[MLPLayer]
     pad_id: int
     scope_gate: ScopeGate | None = None
+    knowledge_gate: KnowledgeGate | None = None
 
 
 class RowContext(Protocol):
@@ -147,6 +152,7 @@ class DecodeRow:
     layer_sums: np.ndarray | None = None
     pending: tuple[int, float, float] | None = None  # sampled, not yet fed: id, logprob, entropy
     scope: ScopeVerdict | None = None
+    prompt_risk: float | None = None
     done: bool = False
 
     @property
@@ -185,7 +191,8 @@ class DecodeRow:
         token = TokenRisk(token_id, text, risk)
         self.tokens.append(token)
         delta = self.tracker.push(token_id)
-        self.request.sink.on_token(TokenEvent(index, token, delta, running, self.scope))
+        event = TokenEvent(index, token, delta, running, self.scope, self.prompt_risk)
+        self.request.sink.on_token(event)
         if self.tracker.stopped:
             self.finish("stop")
         elif (
@@ -201,6 +208,16 @@ class DecodeRow:
         self.done = True
         self.request.sink.on_finish(self._result(reason, aborted))
 
+    def abstains_before(self) -> bool:
+        """After the prompt pass: the policy abstains on the prompt alone. The row then
+        ends unanswered (``content_filter``, nothing generated)."""
+        if not self.engine.policy.abstains_before(self.prompt_risk, self.scope):
+            return False
+        self.done = True
+        result = self._result("content_filter", aborted=False)
+        self.request.sink.on_finish(replace(result, before_generation=True))
+        return True
+
     def _result(self, reason: FinishReason, aborted: bool) -> GenerationResult:
         engine, scorer = self.engine, self.engine.scorer
         risk, layers, spans = None, {}, []
@@ -213,9 +230,11 @@ class DecodeRow:
             spans = scored_spans(scorer, engine.tokenizer, ids, s, logprob, entropy, text_length)
         return GenerationResult(
             info=engine.info, risk=risk,
-            decision=engine.policy.decide(risk, scope=self.scope, aborted=aborted),
+            decision=engine.policy.decide(
+                risk, scope=self.scope, aborted=aborted, prompt_risk=self.prompt_risk
+            ),
             tokens=list(self.tokens), layers=layers, aborted=aborted, scope=self.scope,
-            spans=spans,
+            spans=spans, prompt_risk=self.prompt_risk,
             text=self.tracker.text, finish_reason=reason,
             prompt_tokens=len(self.request.prompt_ids), trailing=self.tracker.flush(),
         )  # fmt: skip

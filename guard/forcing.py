@@ -8,7 +8,9 @@ that *predicted* it (docs/ARCHITECTURE.md, "Position").
     traces = teacher_force(model, prompts, responses, pad_id=tokenizer.pad_token_id)
     traces[0].cett[17]  # [response_len, k]
 
-`prompt_hidden` is the prompt-only pass the scope gate reads (``guard.scope``).
+`prompt_hidden` is the prompt-only pass the scope gate reads (``guard.scope``); the
+knowledge gate's input (``guard.knowledge``) comes from the same pass as the response
+(``knowledge_layer``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from guard.knowledge import ResidualCapture
 from guard.model import left_pad
 from guard.neurons import MLPLayer, NeuronCapture, NeuronSelection
 from guard.scope import FinalHiddenCapture
@@ -31,13 +34,15 @@ class TokenTrace:
 
     ``cett``: ``{layer: [response_len, k]}`` float32; ``logprobs``, ``entropies``:
     ``[response_len]`` float32; ``prompt_hidden``: the final hidden state at the last prompt
-    token ``[hidden]`` (when asked for: the scope gate's input).
+    token ``[hidden]`` (when asked for: the scope gate's input); ``prompt_residual``: the
+    residual stream after the knowledge gate's layer there (when asked for).
     """
 
     cett: dict[int, torch.Tensor]
     logprobs: torch.Tensor
     entropies: torch.Tensor
     prompt_hidden: torch.Tensor | None = None
+    prompt_residual: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -59,6 +64,7 @@ def teacher_force(
     *,
     layers: list[MLPLayer] | None = None,
     with_prompt_hidden: bool = False,
+    knowledge_layer: int | None = None,
 ) -> list[TokenTrace]:
     """Measure each ``responses[i]`` as the continuation of ``prompts[i]`` in one pass.
 
@@ -78,10 +84,16 @@ def teacher_force(
     # vocabulary makes full logits the largest tensor of the pass): the last ``keep``.
     keep = max((len(r) for r in responses), default=0) + 1
     hidden_capture = FinalHiddenCapture(model) if with_prompt_hidden else contextlib.nullcontext()
+    residual_capture = (
+        ResidualCapture(model, knowledge_layer)
+        if knowledge_layer is not None
+        else contextlib.nullcontext()
+    )
     with (
         torch.inference_mode(),
         NeuronCapture(model, neurons, layers=layers) as capture,
         hidden_capture as hidden,
+        residual_capture as residual,
     ):
         logits = model(
             input_ids=input_ids,
@@ -97,6 +109,10 @@ def teacher_force(
             # ``keep - len(r) - 1`` in it
             prompt_ends = torch.as_tensor([keep - len(r) - 1 for r in responses])
             prompt_states = hidden.take(prompt_ends).cpu()
+        residuals = None
+        if residual is not None:  # every position: the prompt's last is before the response
+            last = torch.as_tensor([width - len(r) - 1 for r in responses])
+            residuals = residual.take(last).cpu()
     traces = []
     for row, response in enumerate(responses):
         start = width - len(response)  # first response position (left padding)
@@ -113,6 +129,7 @@ def teacher_force(
                 logprobs=lp.cpu(),
                 entropies=ent.cpu(),
                 prompt_hidden=prompt_states[row] if prompt_states is not None else None,
+                prompt_residual=residuals[row] if residuals is not None else None,
             )
         )
     return traces

@@ -35,6 +35,7 @@ from guard.decoding import (
 )
 from guard.errors import InvalidRequestError
 from guard.forcing import teacher_force
+from guard.knowledge import KnowledgeGate
 from guard.livebatch import DEFAULT_PREFILL_TOKENS, LiveBatch, decode_batch
 from guard.model import LoadedModel, PromptEncoder, end_token_ids, pad_token_id
 from guard.neurons import find_mlp_layers
@@ -69,11 +70,18 @@ class CollectingSink:
         return False
 
 
-def policy_for(probe: Probe | None, overrides: ThresholdOverrides | None = None) -> Policy:
-    """The probe's thresholds with the settings' overrides; never-flag when unguarded."""
+def policy_for(
+    probe: Probe | None, overrides: ThresholdOverrides | None = None, *, prompt_risk: bool = True
+) -> Policy:
+    """The probe's thresholds with the settings' overrides; never-flag when unguarded.
+    The knowledge gate's thresholds are in force only when the settings ask for it
+    (``knowledge_gate``) and the engine computes the prompt risk (``prompt_risk``); else
+    its risk is reported, never acted on."""
     if probe is None:
         return _UNGUARDED_POLICY
-    return Policy.from_probe(probe.manifest.thresholds, overrides)
+    acting = prompt_risk and overrides is not None and overrides.knowledge_gate
+    knowledge = probe.manifest.knowledge if acting else None
+    return Policy.from_probe(probe.manifest.thresholds, overrides, knowledge)
 
 
 def guard_info(probe: Probe | None, policy: Policy) -> GuardInfo:
@@ -106,11 +114,14 @@ class GuardedModel:
         self.prompts = PromptEncoder(loaded.tokenizer, self.prompt_recipe)
         self.scorer: RiskScorer | None = None
         self.scope_gate: ScopeGate | None = None
+        self.knowledge_gate: KnowledgeGate | None = None
         if probe is not None:
             probe.verify_model(loaded.fingerprint)
             self.scorer = RiskScorer(probe, device=self.device)
             if scope_gate:
                 self.scope_gate = ScopeGate.from_probe(probe, loaded.model, scope_threshold)
+            hidden_size = int(loaded.model.config.hidden_size)
+            self.knowledge_gate = KnowledgeGate.from_probe(probe, hidden_size)
         self.policy = policy or policy_for(probe, overrides)
         self.info = guard_info(probe, self.policy)
         tokenizer = loaded.tokenizer
@@ -126,6 +137,7 @@ class GuardedModel:
             mlp_layers=find_mlp_layers(loaded.model),
             pad_id=self.pad_id,
             scope_gate=self.scope_gate,
+            knowledge_gate=self.knowledge_gate,
         )
 
     @property
@@ -226,13 +238,16 @@ class GuardedModel:
             scorer.neuron_selection(),
             layers=self._engine.mlp_layers,
             with_prompt_hidden=self.scope_gate is not None,
+            knowledge_layer=self.knowledge_gate.layer if self.knowledge_gate else None,
         )[0]
-        scope = None
+        scope = prompt_risk = None
         if self.scope_gate is not None and trace.prompt_hidden is not None:
             scope = self.scope_gate.judge(trace.prompt_hidden[None])[0]
+        if self.knowledge_gate is not None and trace.prompt_residual is not None:
+            prompt_risk = self.knowledge_gate.risks(trace.prompt_residual[None])[0]
         measured = scorer.measure(scorer.flatten(trace.cett))  # [tokens, 1 + layers]
         forced = (measured, trace.logprobs.numpy(), trace.entropies.numpy())
-        return judge_answer(self._engine, response_ids, forced, scope)
+        return judge_answer(self._engine, response_ids, forced, scope, prompt_risk)
 
 
 def judge_answer(
@@ -240,10 +255,11 @@ def judge_answer(
     response_ids: list[int],
     forced: tuple[torch.Tensor | np.ndarray, np.ndarray, np.ndarray] | None = None,
     scope: ScopeVerdict | None = None,
+    prompt_risk: float | None = None,
 ) -> ScoreResult:
     """The verdict on a teacher-forced answer from its measurements (every engine's
     ``score``): ``forced`` = (`RiskScorer.measure` rows ``[tokens, 1 + layers]``, log-probs,
-    entropies), None when unguarded."""
+    entropies), None when unguarded; ``prompt_risk`` from the knowledge gate, if any."""
     tokenizer, scorer = context.tokenizer, context.scorer
     texts = [str(tokenizer.decode([i], skip_special_tokens=True)) for i in response_ids]
     if scorer is None or forced is None:
@@ -257,7 +273,8 @@ def judge_answer(
     ]
     logits = np.asarray(measured[:, 0], dtype=np.float64)
     spans = scored_spans(scorer, tokenizer, response_ids, logits, logprobs, entropies)
-    decision = context.policy.decide(score.risk, scope=scope)
+    decision = context.policy.decide(score.risk, scope=scope, prompt_risk=prompt_risk)
     return ScoreResult(
-        context.info, score.risk, decision, tokens, score.layers, scope=scope, spans=spans
-    )
+        context.info, score.risk, decision, tokens, score.layers, scope=scope, spans=spans,
+        prompt_risk=prompt_risk,
+    )  # fmt: skip

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -92,3 +93,25 @@ class ModelHooks:
         with _ACTIVE_LOCK:
             if _ACTIVE.get(self._key) == id(self):
                 del _ACTIVE[self._key]
+
+
+class PositionCapture(ModelHooks):
+    """A capture that keeps one ``[batch, seq, hidden]`` tensor of the newest pass and hands
+    out one position per row (`take`). Subclasses record with `_keep`."""
+
+    _hidden: torch.Tensor | None = None
+    _missing = "no forward pass reached the captured module"
+
+    def _keep(self, hidden: torch.Tensor) -> None:
+        self._hidden = hidden.detach()
+
+    def take(self, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``[batch, hidden]`` float32 from the newest pass: the last position of every
+        row, or ``positions[i]`` of row ``i``. Clears what it returns."""
+        hidden, self._hidden = self._hidden, None
+        if hidden is None:
+            raise CaptureError(self._missing)
+        if positions is None:
+            return hidden[:, -1].float()
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, positions.to(hidden.device)].float()

@@ -109,9 +109,7 @@ class KVBatch:
 
         The whole model is called (not its ``base_model``), so hooks on the model itself
         run as in every other pass (`NeuronCapture` reads the batch shape there)."""
-        stop = ModelHooks(model, "early stop", [Hook(module, _stop_forward)])
-        with contextlib.suppress(_StopForward), stop:
-            model(**self._inputs(model, input_ids))
+        run_until(model, self._inputs(model, input_ids), module)
 
     def select(self, keep: Sequence[int]) -> None:
         """Keep only the rows ``keep`` (in that order), then drop all-padding columns."""
@@ -243,6 +241,14 @@ class PromptBatch:
         if self.fed < self.width:
             raise RuntimeError(f"the prompts are fed {self.fed} of {self.width} columns")
         return KVBatch(self.cache, self.mask, self.positions[:, -1:])
+
+
+def run_until(model: nn.Module, inputs: dict[str, object], module: nn.Module) -> None:
+    """Call ``model(**inputs)`` only as far as ``module``: the pass ends once it has run
+    (its hooks registered before this call included); nothing is returned."""
+    stop = ModelHooks(model, "early stop", [Hook(module, _stop_forward)])
+    with contextlib.suppress(_StopForward), stop:
+        model(**inputs)
 
 
 class _StopForward(Exception):

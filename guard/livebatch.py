@@ -19,8 +19,10 @@
      from that prompt's keys and values (`guard.kvbatch.Prefix`) and feeds only the rest;
      the kept prefix is the first prompt of the last group that found little in it;
    - the pass that completes a group gives its first sampled tokens and, inside a
-     `FinalHiddenCapture`, the scope gate's input; the group then merges into the running
-     batch (left-padded with masked zeros along the sequence axis);
+     `FinalHiddenCapture` and a `ResidualCapture`, the scope and the knowledge gates'
+     inputs; a row whose prompt risk alone makes the policy abstain ends there, unanswered;
+     the others merge into the running batch (left-padded with masked zeros along the
+     sequence axis);
 2. feeds every running row its pending token in one pass under one `NeuronCapture` (the
    probe's neurons, last-position mode), with one device-to-host copy ``[rows, 4 +
    layers]``: next ids, their log-prob and entropy, the fed tokens' `RiskScorer.measure`;
@@ -44,6 +46,7 @@ The server's worker keeps one `LiveBatch` for its lifetime (`guard.batching`);
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -244,7 +247,8 @@ class LiveBatch:
             self.prefix = group.prompts.prefix(0)
         values, seconds = self._host_values(group.rows, logits, None)
         for row, row_values in zip(group.rows, values, strict=True):
-            row.accept(row_values)
+            if not row.abstains_before():
+                row.accept(row_values)
         _cancel_gone(group.rows)
         keep = [i for i, row in enumerate(group.rows) if not row.done]
         if keep:
@@ -257,14 +261,22 @@ class LiveBatch:
 
     def _prefill(self, group: _Joining, columns: int | None) -> torch.Tensor | None:
         """Feed the group's next ``columns``; its last prompt positions' logits once
-        complete. The scope gate reads the final hidden state of that last pass."""
-        gate = self.engine.scope_gate
-        if gate is None or not group.prompts.completes(columns):
+        complete. The scope gate reads the final hidden state of that last pass, the
+        knowledge gate the residual stream after its layer (every row's last column is
+        its last prompt token: the prompts are left-padded)."""
+        scope, knowledge = self.engine.scope_gate, self.engine.knowledge_gate
+        if (scope is None and knowledge is None) or not group.prompts.completes(columns):
             return group.prompts.feed(self.model, columns)
-        with FinalHiddenCapture(self.model) as hidden:
+        with contextlib.ExitStack() as stack:
+            hidden = stack.enter_context(FinalHiddenCapture(self.model)) if scope else None
+            residual = stack.enter_context(knowledge.capture(self.model)) if knowledge else None
             logits = group.prompts.feed(self.model, columns)
-        for row, verdict in zip(group.rows, gate.judge(hidden.take()), strict=True):
-            row.scope = verdict
+        if scope is not None and hidden is not None:
+            for row, verdict in zip(group.rows, scope.judge(hidden.take()), strict=True):
+                row.scope = verdict
+        if knowledge is not None and residual is not None:
+            for row, risk in zip(group.rows, knowledge.risks(residual.take()), strict=True):
+                row.prompt_risk = risk
         return logits
 
     def _decode(self) -> tuple[int, float]:

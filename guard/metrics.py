@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from guard import __version__
-from guard.results import ScoreResult
+from guard.results import GenerationResult, ScoreResult
 
 RISK_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 wide, up to 1.0
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -77,6 +77,11 @@ class GuardMetrics:
             "hguard_decisions", "answers by decision", ["decision"], registry=registry
         )
         self.aborts = Counter("hguard_aborts", "streams aborted mid-answer", registry=registry)
+        self.abstained_before_generation = Counter(
+            "hguard_abstained_before_generation",
+            "requests abstained on the knowledge gate's prompt risk alone, nothing generated",
+            registry=registry,
+        )
         self.out_of_scope = Counter(
             "hguard_out_of_scope",
             "answers to prompts the scope gate left unjudged (decision pass)",
@@ -116,6 +121,8 @@ class GuardMetrics:
             self.answer_risk.observe(result.risk)
         if result.aborted:
             self.aborts.inc()
+        if isinstance(result, GenerationResult) and result.before_generation:
+            self.abstained_before_generation.inc()
         if not result.in_scope:
             self.out_of_scope.inc()
 

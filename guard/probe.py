@@ -5,6 +5,7 @@ A probe is a directory::
     manifest.json   ProbeManifest (pydantic): recipe, thresholds, metrics, sha256 of every file
     weights.npz     selected (layer, neuron) indices, weights and bias: no pickle, ever
     scope.npz       the scope gate's weights (optional: see `guard.scope`)
+    knowledge.npz   the knowledge gate's weights (optional: see `guard.knowledge`)
     report.json     evaluation report (optional)
     probe.joblib    fitted scikit-learn objects, for analysis only (optional, never loaded
                     by the runtime: see `load_sklearn_objects`)
@@ -35,11 +36,13 @@ from guard.fingerprint import ModelFingerprint
 from guard.prompts import PromptRecipe
 from guard.shipped import DEFAULT_PROBE_NAME, SHIPPED_PROBES, shipped_probe
 
-# 2 added the optional scope gate (`scope` in the manifest, scope.npz); 1 still loads.
-FORMAT_VERSION = 2
+# 2 added the optional scope gate (`scope` in the manifest, scope.npz); 3 the optional
+# knowledge gate (`knowledge`, knowledge.npz). Older formats still load.
+FORMAT_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.npz"
 SCOPE_FILE = "scope.npz"
+KNOWLEDGE_FILE = "knowledge.npz"
 SKLEARN_FILE = "probe.joblib"
 # The shipped default probe and its pinned manifest sha256 (`guard.shipped`: every shipped
 # probe by name). `hguard probes build` prints a sha256; `probes.build.export_probe` ships.
@@ -54,6 +57,14 @@ STAT_NAMES: tuple[StatName, ...] = (
     "mean_entropy",
     "max_entropy",
 )
+
+
+def _abstain_not_below_flag(cls: type, abstain: float, info: Any) -> float:
+    """A pydantic validator: an abstain threshold may not lie below the flag threshold."""
+    flag = info.data.get("flag")
+    if flag is not None and abstain < flag:
+        raise ValueError(f"abstain threshold {abstain} is below the flag threshold {flag}")
+    return abstain
 
 
 class _Strict(BaseModel):
@@ -126,13 +137,7 @@ class Thresholds(_Strict):
     abort_min_tokens: int = Field(default=8, ge=1)
     goals: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("abstain")
-    @classmethod
-    def _ordered(cls, abstain: float, info: Any) -> float:
-        flag = info.data.get("flag")
-        if flag is not None and abstain < flag:
-            raise ValueError(f"abstain threshold {abstain} is below the flag threshold {flag}")
-        return abstain
+    _ordered = field_validator("abstain")(_abstain_not_below_flag)
 
 
 class ScopeRecipe(_Strict):
@@ -146,6 +151,25 @@ class ScopeRecipe(_Strict):
     threshold: float = Field(ge=0.0, le=1.0)
     training: dict[str, Any] = Field(default_factory=dict)
     evaluation: dict[str, Any] = Field(default_factory=dict)
+
+
+class KnowledgeRecipe(_Strict):
+    """The knowledge gate: ``prompt_risk = sigmoid(w . x + b)``, the probability that the
+    prompt asks about something the model does not know (an entity it has never seen), on
+    the residual stream ``x`` after decoder layer ``layer`` (0-based) at the last prompt
+    token: known before the first answer token. ``flag``/``abstain`` are thresholds on it,
+    applied like the answer's (only to prompts the scope gate judges). Weights live in
+    ``knowledge.npz``."""
+
+    feature: Literal["residual_last_prompt_token"] = "residual_last_prompt_token"
+    layer: int = Field(ge=0)
+    hidden_size: int = Field(ge=1)
+    flag: float = Field(ge=0.0, le=1.0)
+    abstain: float = Field(ge=0.0, le=1.0)
+    training: dict[str, Any] = Field(default_factory=dict)
+    evaluation: dict[str, Any] = Field(default_factory=dict)
+
+    _ordered = field_validator("abstain")(_abstain_not_below_flag)
 
 
 class ProbeManifest(BaseModel):
@@ -162,6 +186,7 @@ class ProbeManifest(BaseModel):
     scoring: ScoringRecipe
     thresholds: Thresholds
     scope: ScopeRecipe | None = None  # None: every prompt is in scope (format 1 artifacts)
+    knowledge: KnowledgeRecipe | None = None  # None: no prompt-level risk (before format 3)
     validation_risk_quantiles: dict[str, float] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
     evaluation: dict[str, Any] = Field(default_factory=dict)
@@ -233,28 +258,29 @@ class ProbeWeights:
 
 
 @dataclass(frozen=True)
-class ScopeWeights:
-    """The scope gate's logistic regression in raw feature units: ``w`` ``[hidden]``, ``b``."""
+class GateWeights:
+    """A prompt gate's logistic regression (the scope or the knowledge gate) in raw
+    feature units: ``w`` ``[hidden]``, ``b``."""
 
     weights: np.ndarray
     bias: float
 
     def __post_init__(self) -> None:
         if self.weights.ndim != 1 or self.weights.size == 0:
-            raise ProbeError(f"scope weights must be one vector, got shape {self.weights.shape}")
+            raise ProbeError(f"gate weights must be one vector, got shape {self.weights.shape}")
         if not np.all(np.isfinite(self.weights)) or not math.isfinite(self.bias):
-            raise ProbeError("scope file holds non-finite weights or bias")
+            raise ProbeError("gate file holds non-finite weights or bias")
 
     def to_npz(self, path: Path) -> None:
         np.savez(path, weights=self.weights.astype(np.float64), bias=np.float64(self.bias))
 
     @classmethod
-    def from_npz(cls, path: Path) -> ScopeWeights:
+    def from_npz(cls, path: Path) -> GateWeights:
         try:
             with np.load(path, allow_pickle=False) as data:
                 return cls(weights=data["weights"].astype(np.float64), bias=float(data["bias"]))
         except (OSError, KeyError, ValueError) as exc:
-            raise ProbeError(f"cannot read scope weights {path}: {exc}") from exc
+            raise ProbeError(f"cannot read gate weights {path}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -265,7 +291,8 @@ class Probe:
     weights: ProbeWeights
     path: Path
     manifest_sha256: str
-    scope: ScopeWeights | None = None  # present exactly when ``manifest.scope`` is
+    scope: GateWeights | None = None  # present exactly when ``manifest.scope`` is
+    knowledge: GateWeights | None = None  # present exactly when ``manifest.knowledge`` is
 
     @property
     def name(self) -> str:
@@ -292,6 +319,15 @@ class Probe:
             )
 
 
+def check_gate_width(probe: Probe, what: str, reads: int, hidden_size: int) -> None:
+    """Refuse a gate that reads ``reads`` hidden units on a model of ``hidden_size``."""
+    if hidden_size != reads:
+        raise ProbeModelMismatchError(
+            f"probe '{probe.name}': its {what} gate reads {reads} hidden units, the model has "
+            f"{hidden_size}"
+        )
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -305,41 +341,70 @@ def save_probe(
     manifest: ProbeManifest,
     weights: ProbeWeights,
     extra_files: Mapping[str, bytes] | None = None,
-    scope: ScopeWeights | None = None,
+    scope: GateWeights | None = None,
+    knowledge: GateWeights | None = None,
 ) -> str:
     """Write the artifact; fills ``manifest.files`` with sha256s. Returns the manifest sha256.
 
     ``extra_files`` maps file names (e.g. ``report.json``, ``probe.joblib``, plots) to bytes.
-    ``scope`` (the gate's weights) goes with ``manifest.scope``: both or neither.
+    ``scope`` and ``knowledge`` (the gates' weights) go with ``manifest.scope`` and
+    ``manifest.knowledge``: both or neither.
     """
-    if (scope is None) != (manifest.scope is None):
-        raise ProbeError("the scope gate needs both its weights and the manifest's scope recipe")
-    if (
-        scope is not None
-        and manifest.scope is not None
-        and (scope.weights.size != manifest.scope.hidden_size)
-    ):
-        raise ProbeError(
-            f"scope weights have {scope.weights.size} values, the recipe says "
-            f"{manifest.scope.hidden_size}"
-        )
+    gates = {
+        SCOPE_FILE: _checked_gate("scope", scope, manifest.scope),
+        KNOWLEDGE_FILE: _checked_gate("knowledge", knowledge, manifest.knowledge),
+    }
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     weights.to_npz(out / WEIGHTS_FILE)
-    reserved = (MANIFEST_FILE, WEIGHTS_FILE, SCOPE_FILE)
+    reserved = (MANIFEST_FILE, WEIGHTS_FILE, *gates)
     for name, payload in (extra_files or {}).items():
         if "/" in name or name in reserved:
             raise ProbeError(f"invalid extra file name for a probe artifact: {name!r}")
         (out / name).write_bytes(payload)
     names = [WEIGHTS_FILE, *sorted(extra_files or {})]
-    if scope is not None:
-        scope.to_npz(out / SCOPE_FILE)
-        names.append(SCOPE_FILE)
+    for name, gate in gates.items():
+        if gate is not None:
+            gate.to_npz(out / name)
+            names.append(name)
     files = {name: sha256_file(out / name) for name in names}
     final = manifest.model_copy(update={"files": files})
     text = json.dumps(final.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
     (out / MANIFEST_FILE).write_text(text, encoding="utf-8")
     return sha256_file(out / MANIFEST_FILE)
+
+
+GateRecipe = ScopeRecipe | KnowledgeRecipe
+
+
+def _checked_gate(
+    what: str, gate: GateWeights | None, recipe: GateRecipe | None
+) -> GateWeights | None:
+    """A gate's weights go with its manifest recipe, as many as it reads."""
+    if (gate is None) != (recipe is None):
+        raise ProbeError(f"the {what} gate needs both its weights and the manifest's recipe")
+    if gate is not None and recipe is not None and gate.weights.size != recipe.hidden_size:
+        raise ProbeError(
+            f"{what} weights have {gate.weights.size} values, the recipe says {recipe.hidden_size}"
+        )
+    return gate
+
+
+def _load_gate(
+    directory: Path, manifest: ProbeManifest, name: str, recipe: GateRecipe | None
+) -> GateWeights | None:
+    """A gate's verified weights when the manifest has its recipe."""
+    if recipe is None:
+        return None
+    if name not in manifest.files:
+        raise ProbeError(f"{directory / MANIFEST_FILE} has a gate recipe but does not list {name}")
+    gate = GateWeights.from_npz(directory / name)
+    if gate.weights.size != recipe.hidden_size:
+        raise ProbeError(
+            f"{directory / name} has {gate.weights.size} weights, the manifest's recipe says "
+            f"{recipe.hidden_size}"
+        )
+    return gate
 
 
 def resolve_probe_dir(spec: str | Path) -> Path:
@@ -390,17 +455,9 @@ def load_probe(spec: str | Path = "default", *, expected_sha256: str | None = No
                 "it was modified or truncated"
             )
     weights = ProbeWeights.from_npz(directory / WEIGHTS_FILE)
-    scope = None
-    if manifest.scope is not None:
-        if SCOPE_FILE not in manifest.files:
-            raise ProbeError(f"{manifest_path} has a scope recipe but does not list {SCOPE_FILE}")
-        scope = ScopeWeights.from_npz(directory / SCOPE_FILE)
-        if scope.weights.size != manifest.scope.hidden_size:
-            raise ProbeError(
-                f"{directory / SCOPE_FILE} has {scope.weights.size} weights, the manifest's "
-                f"scope recipe says {manifest.scope.hidden_size}"
-            )
-    return Probe(manifest, weights, directory, manifest_sha, scope)
+    scope = _load_gate(directory, manifest, SCOPE_FILE, manifest.scope)
+    knowledge = _load_gate(directory, manifest, KNOWLEDGE_FILE, manifest.knowledge)
+    return Probe(manifest, weights, directory, manifest_sha, scope, knowledge)
 
 
 def load_sklearn_objects(spec: str | Path) -> Any:

@@ -74,7 +74,9 @@ class ScoreResult:
     ``layers``: each probe layer's signed share of the answer's probe logit
     (its mean contribution divided by the sum of the absolute mean contributions).
     ``spans``: the answer's sentences and their risks (empty when unguarded); they show
-    where, the verdict stays the answer risk's.
+    where. ``prompt_risk``: the knowledge gate's probability that the prompt asks about
+    something the model does not know (None: the probe has no knowledge gate); the
+    decision is the stricter of the risk's and the prompt risk's (`guard.policy`).
     """
 
     info: GuardInfo
@@ -85,6 +87,7 @@ class ScoreResult:
     aborted: bool = False
     scope: ScopeVerdict | None = None  # None: the probe has no scope gate (all in scope)
     spans: list[SpanRisk] = field(default_factory=list)
+    prompt_risk: float | None = None
 
     @property
     def in_scope(self) -> bool:
@@ -105,12 +108,14 @@ class GenerationResult(ScoreResult):
 
     ``text`` is the answer as generated (cut before a stop string), abstained or not:
     the API withholds an abstained answer in one place (`guard.api.bodies.final_answer`).
+    ``before_generation``: abstained on the prompt risk alone, nothing was generated.
     """
 
     text: str = ""
     finish_reason: FinishReason = "stop"
     prompt_tokens: int = 0
     trailing: str = ""  # text not yet delivered through token events (held for stop strings)
+    before_generation: bool = False
 
     @property
     def completion_tokens(self) -> int:

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from guard.errors import CaptureError, ProbeModelMismatchError
-from guard.hooks import Hook, ModelHooks
-from guard.probe import Probe
+from guard.errors import CaptureError
+from guard.hooks import Hook, PositionCapture
+from guard.probe import Probe, check_gate_width
 from guard.results import ScopeVerdict
 
 
@@ -39,31 +39,19 @@ def _lm_head(model: nn.Module) -> nn.Module:
     return head
 
 
-class FinalHiddenCapture(ModelHooks):
-    """Record the LM head's input (the final hidden states) of forward passes.
+class FinalHiddenCapture(PositionCapture):
+    """Record the LM head's input (the final hidden states) of forward passes; `take` one
+    position per row (default: the last one, which is also the only one when the model is
+    called with ``logits_to_keep=1``)."""
 
-    ``positions`` per row picks which position to keep (default: the last one, which is
-    also the only one when the model is called with ``logits_to_keep=1``).
-    """
+    _missing = "no forward pass reached the LM head inside the capture"
 
     def __init__(self, model: nn.Module) -> None:
-        self._hidden: torch.Tensor | None = None
         head = _lm_head(model)
         super().__init__(model, "final hidden state", [Hook(head, self._record, pre=True)])
 
     def _record(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        self._hidden = args[0].detach()
-
-    def take(self, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """``[batch, hidden]`` float32 from the newest pass: the last position of every
-        row, or ``positions[i]`` of row ``i``. Clears what it returns."""
-        hidden, self._hidden = self._hidden, None
-        if hidden is None:
-            raise CaptureError("no forward pass reached the LM head inside the capture")
-        if positions is None:
-            return hidden[:, -1].float()
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, positions.to(hidden.device)].float()
+        self._keep(args[0])
 
 
 class ScopeGate:
@@ -95,11 +83,7 @@ class ScopeGate:
         recipe, weights = probe.manifest.scope, probe.scope
         if recipe is None or weights is None:
             return None
-        if hidden != recipe.hidden_size:
-            raise ProbeModelMismatchError(
-                f"probe '{probe.name}': its scope gate reads {recipe.hidden_size} hidden "
-                f"units, the model's LM head takes {hidden}"
-            )
+        check_gate_width(probe, "scope", recipe.hidden_size, hidden)
         chosen = recipe.threshold if threshold is None else threshold
         return cls(weights.weights, weights.bias, chosen)
 

@@ -47,6 +47,16 @@ class GuardSettings(BaseSettings):
     abort_threshold: Probability | None = None
     abort_min_tokens: int | None = Field(default=None, ge=1)
     abstain_message: str = DEFAULT_ABSTAIN_MESSAGE
+    knowledge_gate: bool = Field(
+        default=False,
+        description="act on the knowledge gate's prompt_risk (flag/abstain at its thresholds); "
+        "false: report it only (see README, 'Long answers and made-up entities')",
+    )
+    abstain_before_generation: bool = Field(
+        default=True,
+        description="with the knowledge gate acting: abstain without generating when the "
+        "prompt_risk reaches its abstain threshold (false: generate, then abstain)",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_prompt_tokens: int = Field(default=2048, ge=1)
     max_new_tokens: int = Field(default=256, ge=1)

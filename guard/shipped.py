@@ -42,7 +42,7 @@ class ShippedProbe:
 _SMOLLM2 = ShippedProbe(
     name="smollm2-135m-triviaqa",
     directory=PACKAGE_DIR / "default_probe",
-    sha256="43220fd34a0452718cc01ef0c8faedada3419dc6608062c1054699d1204cc176",
+    sha256="1a94b1a41447a2414d6a8cd0a87363bcaf2562dc48e9b166619aa6da53171cba",
 )
 _GEMMA3 = ShippedProbe(
     name="gemma3-270m-triviaqa",

@@ -27,13 +27,14 @@ import joblib
 from guard.errors import ProbeError
 from guard.model import model_name
 from guard.probe import (
+    KNOWLEDGE_FILE,
     SCOPE_FILE,
     SKLEARN_FILE,
     WEIGHTS_FILE,
+    GateWeights,
     Probe,
     ProbeManifest,
     ScopeRecipe,
-    ScopeWeights,
     load_probe,
     save_probe,
     sha256_file,
@@ -104,7 +105,7 @@ def collect_and_extract(
 
 def fit_gate(
     config: BuildConfig, loaded: Any, items: list[Any], timings: dict[str, Any]
-) -> tuple[ScopeRecipe | None, ScopeWeights | None]:
+) -> tuple[ScopeRecipe | None, GateWeights | None]:
     """The scope gate (`probes.scope`) on the train split's questions, thresholded on val."""
     if config.scope is None:
         return None, None
@@ -194,7 +195,7 @@ def save_artifact(
     trained: TrainedProbe,
     report: dict[str, Any],
     scored: dict[str, ScoredAnswers],
-    scope: ScopeWeights | None = None,
+    scope: GateWeights | None = None,
 ) -> str:
     """Write the probe directory (manifest, weights, scope gate, report, plots, joblib)."""
     from probes.metrics import nan_to_none
@@ -223,9 +224,11 @@ def export_probe(source: Path, destination: Path, drop: tuple[str, ...] = (SKLEA
     keep = {
         name: (probe.path / name).read_bytes()
         for name in probe.manifest.files
-        if name not in drop and name not in (WEIGHTS_FILE, SCOPE_FILE)
+        if name not in drop and name not in (WEIGHTS_FILE, SCOPE_FILE, KNOWLEDGE_FILE)
     }
     if any(sha256_file(probe.path / n) != probe.manifest.files[n] for n in keep):
         raise ProbeError(f"{source} changed while exporting it")
     manifest = probe.manifest.model_copy(update={"files": {}})
-    return save_probe(destination, manifest, probe.weights, keep, scope=probe.scope)
+    return save_probe(
+        destination, manifest, probe.weights, keep, scope=probe.scope, knowledge=probe.knowledge
+    )

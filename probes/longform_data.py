@@ -116,14 +116,18 @@ def scope_sets(path: Path) -> dict[str, AnswerSet]:
 
 
 def heldout_sets(path: Path) -> dict[str, AnswerSet]:
-    """The held-out made-up set by kind (``short``, ``long``, ``real_long``)."""
+    """A held-out set by kind (``short``, ``long``, ``real_long``, and ``real_short`` where the
+    file has it: short questions about real entities, flag rate only)."""
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     out: dict[str, AnswerSet] = {}
-    for kind, recipe in (("short", PLAIN_SHORT), ("long", PLAIN_LONG), ("real_long", PLAIN_LONG)):
+    kinds = (("short", PLAIN_SHORT), ("long", PLAIN_LONG), ("real_long", PLAIN_LONG),
+             ("real_short", PLAIN_SHORT))  # fmt: skip
+    for kind, recipe in kinds:
         items = [
             QAItem(id=str(r["id"]), question=str(r["prompt"]), answers=[str(r["entity"])])
             for r in rows
             if r["kind"] == kind
         ]
-        out[f"heldout_{kind}"] = (items, recipe)
+        if items:
+            out[f"heldout_{kind}"] = (items, recipe)
     return out

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from guard.forcing import prompt_hidden
 from guard.model import LoadedModel, encode_chats, pad_token_id
-from guard.probe import PromptRecipe, ScopeRecipe, ScopeWeights
+from guard.probe import GateWeights, PromptRecipe, ScopeRecipe
 from probes.metrics import auroc
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def fit_scope_gate(
     config: ScopeConfig,
     recipe: PromptRecipe,
     extra_in_scope: Sequence[list[dict[str, str]]] = (),
-) -> tuple[ScopeRecipe, ScopeWeights]:
+) -> tuple[ScopeRecipe, GateWeights]:
     """Fit the gate on train questions (and ``extra_in_scope`` conversations, such as
     long-form requests about named entities) vs the open prompts; threshold from val
     questions."""
@@ -228,4 +228,4 @@ def fit_scope_gate(
         },
     )
     log.info("scope gate: C=%s, threshold %.4f, %s", best["C"], threshold, recipe_out.evaluation)
-    return recipe_out, ScopeWeights(weights.astype(np.float64), bias)
+    return recipe_out, GateWeights(weights.astype(np.float64), bias)

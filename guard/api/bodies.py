@@ -13,7 +13,7 @@ take back what was sent, so their chunks always carry the text.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
 
@@ -47,6 +47,16 @@ from guard.results import (
     ScoreResult,
     TokenRisk,
 )
+
+
+class PromptVerdicts(Protocol):
+    """What a stream item knows about its prompt (token events and results alike)."""
+
+    @property
+    def scope(self) -> ScopeVerdict | None: ...
+    @property
+    def prompt_risk(self) -> float | None: ...
+
 
 Kind = Literal["chat", "text"]
 Chunk = ChatCompletionChunk | TextCompletionChunk
@@ -122,6 +132,7 @@ def guard_object(
         risk=result.risk,
         tokens=[token_score(token, withheld=withheld) for token in tokens],
         scope=scope_score(result.scope),
+        prompt_risk=result.prompt_risk,
         guarded=result.info.guarded,
         decision=result.decision,
         aborted=result.aborted,
@@ -133,15 +144,15 @@ def guard_object(
     )
 
 
-def running_guard(
-    event: TokenEvent | None, scope: ScopeVerdict | None, guarded: bool
-) -> RunningGuard:
-    """A non-final chunk's guard: the risk so far and the chunk's token (None: no token)."""
+def running_guard(event: TokenEvent | None, prompt: PromptVerdicts, guarded: bool) -> RunningGuard:
+    """A non-final chunk's guard: the risk so far, the chunk's token (None: no token) and
+    the prompt's verdicts."""
     tokens = [] if event is None else [token_score(event.token)]
     return RunningGuard(
         risk=None if event is None else event.running_risk,
         tokens=tokens,
-        scope=scope_score(scope),
+        scope=scope_score(prompt.scope),
+        prompt_risk=prompt.prompt_risk,
         guarded=guarded,
     )
 
@@ -207,13 +218,13 @@ def _chunk(
     return TextCompletionChunk(choices=[text_choice], guard=guard, **common)
 
 
-def role_chunk(env: Envelope, scope: ScopeVerdict | None, guarded: bool) -> Chunk:
+def role_chunk(env: Envelope, prompt: PromptVerdicts, guarded: bool) -> Chunk:
     """A chat stream's first chunk: the role, and whether the answer will be judged."""
-    return _chunk(env, "", None, running_guard(None, scope, guarded), role=True)
+    return _chunk(env, "", None, running_guard(None, prompt, guarded), role=True)
 
 
 def token_chunk(env: Envelope, event: TokenEvent, guarded: bool) -> Chunk:
-    return _chunk(env, event.delta, None, running_guard(event, event.scope, guarded))
+    return _chunk(env, event.delta, None, running_guard(event, event, guarded))
 
 
 def verdict_chunk(env: Envelope, result: GenerationResult) -> Chunk:

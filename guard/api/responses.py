@@ -59,11 +59,17 @@ class ProbeRef(BaseModel):
 
 
 class Thresholds(BaseModel):
-    """The policy's thresholds on the answer risk."""
+    """The policy's thresholds on the answer risk (and on the prompt risk)."""
 
     flag: float
     abstain: float
     abort: float | None = Field(default=None, description="mid-stream abort; null when off")
+    prompt_flag: float | None = Field(
+        default=None, description="flag line on prompt_risk; null: the probe has no knowledge gate"
+    )
+    prompt_abstain: float | None = Field(
+        default=None, description="abstain line on prompt_risk; null: no knowledge gate"
+    )
 
 
 class RunningGuard(BaseModel):
@@ -75,6 +81,12 @@ class RunningGuard(BaseModel):
     )
     tokens: list[TokenScore]
     scope: ScopeScore | None = Field(description="null: the probe has no scope gate (all judged)")
+    prompt_risk: float | None = Field(
+        default=None,
+        description="the knowledge gate's probability that the prompt asks about something "
+        "the model does not know (known before the first token); null: the probe has no "
+        "knowledge gate",
+    )
     guarded: bool = Field(description="false: served without a probe, nothing is judged")
 
 

@@ -241,7 +241,7 @@ async def _sse(services: Services, prep: Prepared, ticket: TokenStream) -> Async
         while True:
             item = await ticket.next(_left(deadline))
             if role_pending:  # sent with the first event, so it already carries the scope
-                yield sse(role_chunk(env, item.scope, guarded))
+                yield sse(role_chunk(env, item, guarded))
                 role_pending = False
             if isinstance(item, TokenEvent):
                 timer.tick()

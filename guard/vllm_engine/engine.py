@@ -155,7 +155,14 @@ class VLLMEngine:
         self.probe: Probe | None = verified_probe(settings, probe, fingerprint)
         self.prompts = PromptEncoder(self.tokenizer, self.prompt_recipe)
         scorer = RiskScorer(self.probe) if self.probe is not None else None
-        policy = policy_for(self.probe, settings)
+        # The knowledge gate is not read inside vLLM yet (docs/ARCHITECTURE.md, "The vLLM
+        # engine"): no prompt_risk, so its thresholds are not in force either.
+        policy = policy_for(self.probe, settings, prompt_risk=False)
+        if self.probe is not None and self.probe.manifest.knowledge is not None:
+            log.warning(
+                "the vLLM engine does not compute the knowledge gate's prompt_risk: answers "
+                "are judged on their own risk only"
+            )
         self.gate: ScopeGate | None = None
         if self.probe is not None and settings.scope_gate:
             hidden = int(config.hidden_size)

@@ -122,3 +122,71 @@ def test_score_returns_the_clients_own_text_even_when_it_abstains(
     assert guard.decision == "abstain" and response.headers["x-guard-decision"] == "abstain"
     assert not guard.withheld and "".join(t.text or "" for t in guard.tokens) == answer
     assert _audited(tmp_path)["answer"] == answer
+
+
+@pytest.fixture(scope="module")
+def unknown_guarded(tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The tiny model under a probe whose knowledge gate gives every prompt risk ~1 (its
+    answer thresholds at 1: only the prompt can make it abstain)."""
+    from guard.generation import GuardedModel
+    from guard.probe import load_probe
+    from tests.fixtures.probes import write_probe
+
+    directory = write_probe(
+        tmp_path_factory.mktemp("unknown"), tiny_model, flag=1.0, abstain=1.0,
+        knowledge_bias=50.0,
+    )  # fmt: skip
+    return GuardedModel(tiny_model, load_probe(directory))
+
+
+def test_a_prompt_the_model_cannot_know_is_abstained_before_generating(
+    make_app: AppFactory, unknown_guarded: Any
+) -> None:
+    app = make_app(unknown_guarded, abstain_message=MESSAGE, knowledge_gate=True)
+    with TestClient(app) as client:
+        reply = client.post("/v1/chat/completions", json=CHAT).json()
+        with client.stream(
+            "POST", "/v1/chat/completions", json={**CHAT, "stream": True}
+        ) as response:
+            lines = [line[6:] for line in response.iter_lines() if line.startswith("data: {")]
+        metrics = client.get("/metrics").text
+    guard = GuardObject.model_validate(reply["guard"])
+    assert reply["choices"][0]["message"]["content"] == MESSAGE
+    assert reply["choices"][0]["finish_reason"] == "content_filter"
+    assert guard.decision == "abstain" and guard.withheld and not guard.aborted
+    assert guard.tokens == [] and reply["usage"]["completion_tokens"] == 0
+    assert guard.prompt_risk == pytest.approx(1.0) and guard.risk is None
+    assert guard.thresholds is not None and guard.thresholds.prompt_abstain == 0.8
+    chunks = [ChatCompletionChunk.model_validate_json(line) for line in lines]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
+    final = chunks[-1].guard
+    assert isinstance(final, GuardObject) and final.decision == "abstain"
+    assert chunks[0].guard is not None and chunks[0].guard.prompt_risk == pytest.approx(1.0)
+    assert "hguard_abstained_before_generation_total 2.0" in metrics
+
+
+def test_with_early_abstention_off_the_answer_is_generated_then_withheld(
+    make_app: AppFactory, unknown_guarded: Any
+) -> None:
+    app = make_app(
+        unknown_guarded, abstain_message=MESSAGE, knowledge_gate=True,
+        abstain_before_generation=False,
+    )  # fmt: skip
+    with TestClient(app) as client:
+        reply = client.post("/v1/chat/completions", json=CHAT).json()
+        metrics = client.get("/metrics").text
+    guard = GuardObject.model_validate(reply["guard"])
+    assert reply["choices"][0]["message"]["content"] == MESSAGE
+    assert guard.decision == "abstain" and reply["usage"]["completion_tokens"] > 0
+    assert "hguard_abstained_before_generation_total 0.0" in metrics
+
+
+def test_by_default_the_prompt_risk_is_reported_not_acted_on(
+    make_app: AppFactory, unknown_guarded: Any
+) -> None:
+    with TestClient(make_app(unknown_guarded)) as client:
+        reply = client.post("/v1/chat/completions", json=CHAT).json()
+    guard = GuardObject.model_validate(reply["guard"])
+    assert guard.prompt_risk == pytest.approx(1.0) and guard.decision == "pass"
+    assert guard.thresholds is not None and guard.thresholds.prompt_flag is None
+    assert reply["usage"]["completion_tokens"] > 0

@@ -6,20 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 from guard.decoding import SamplingParams
-from guard.errors import ProbeError, ProbeIntegrityError, ProbeModelMismatchError
+from guard.errors import ProbeModelMismatchError
 from guard.forcing import prompt_hidden
 from guard.generation import GuardedModel
 from guard.model import LoadedModel
 from guard.policy import Decision
-from guard.probe import SCOPE_FILE, load_probe
-from guard.scope import FinalHiddenCapture, ScopeGate
-from tests.fixtures.models import ARCHITECTURES, tiny_loaded, tiny_model
-from tests.fixtures.probes import write_probe
+from guard.probe import load_probe
+from guard.scope import ScopeGate
+from tests.fixtures.models import tiny_loaded
+from tests.fixtures.probes import guarded_with, write_probe
 
 QUESTION = [{"role": "user", "content": "Which river flows through Cairo?"}]
 
@@ -27,43 +25,6 @@ QUESTION = [{"role": "user", "content": "Which river flows through Cairo?"}]
 @pytest.fixture(scope="module")
 def loaded() -> LoadedModel:
     return tiny_loaded()
-
-
-def _guarded(loaded: LoadedModel, tmp_path: Path, **probe: float | None) -> GuardedModel:
-    return GuardedModel(loaded, load_probe(write_probe(tmp_path / "probe", loaded, **probe)))
-
-
-@pytest.mark.parametrize("kind", ARCHITECTURES)
-def test_final_hidden_capture_reads_the_lm_head_input(kind: str) -> None:
-    model = tiny_model(kind)
-    ids = torch.randint(0, 90, (2, 6))
-    with torch.no_grad():
-        expected = model(ids, output_hidden_states=True).hidden_states[-1]
-    with torch.no_grad(), FinalHiddenCapture(model) as hidden:
-        model(ids)
-        torch.testing.assert_close(hidden.take(), expected[:, -1])
-        model(ids)
-        torch.testing.assert_close(hidden.take(torch.tensor([2, 4])), expected[[0, 1], [2, 4]])
-    assert model.get_output_embeddings()._forward_pre_hooks == {}
-
-
-def test_artifact_round_trip_and_refusals(loaded: LoadedModel, tmp_path: Path) -> None:
-    directory = write_probe(tmp_path / "probe", loaded, scope_bias=1.5)
-    probe = load_probe(directory)
-    assert probe.manifest.scope is not None and probe.manifest.format_version == 2
-    assert probe.scope is not None and probe.scope.bias == 1.5
-    assert SCOPE_FILE in probe.manifest.files
-    # a tampered gate is refused by its hash
-    data = dict(np.load(directory / SCOPE_FILE))
-    np.savez(directory / SCOPE_FILE, weights=data["weights"] * 2, bias=data["bias"])
-    with pytest.raises(ProbeIntegrityError, match="scope.npz"):
-        load_probe(directory)
-    # a recipe without its weights file is refused
-    manifest = json.loads((directory / "manifest.json").read_text())
-    del manifest["files"][SCOPE_FILE]
-    (directory / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ProbeError, match="does not list scope.npz"):
-        load_probe(directory)
 
 
 def test_format_1_artifact_without_gate_still_loads(loaded: LoadedModel, tmp_path: Path) -> None:
@@ -94,8 +55,12 @@ def test_gate_for_another_hidden_size_is_refused(tmp_path: Path) -> None:
 
 def test_out_of_scope_is_reported_but_never_flagged(loaded: LoadedModel, tmp_path: Path) -> None:
     # thresholds at 0: every judged answer abstains; out of scope none may
-    out = _guarded(loaded, tmp_path / "out", flag=0.0, abstain=0.0, abort=0.0, scope_bias=-50.0)
-    inside = _guarded(loaded, tmp_path / "in", flag=0.0, abstain=0.0, abort=0.0, scope_bias=50.0)
+    out = guarded_with(
+        loaded, tmp_path / "out" / "probe", flag=0.0, abstain=0.0, abort=0.0, scope_bias=-50.0
+    )
+    inside = guarded_with(
+        loaded, tmp_path / "in" / "probe", flag=0.0, abstain=0.0, abort=0.0, scope_bias=50.0
+    )
     prompt = out.encode_chat(QUESTION)
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, abort=True)
     passed = out.generate(prompt, params)
@@ -113,7 +78,7 @@ def test_out_of_scope_is_reported_but_never_flagged(loaded: LoadedModel, tmp_pat
 def test_gate_score_is_the_same_while_generating_scoring_and_offline(
     loaded: LoadedModel, tmp_path: Path
 ) -> None:
-    guarded = _guarded(loaded, tmp_path, scope_bias=0.0)
+    guarded = guarded_with(loaded, tmp_path / "probe", scope_bias=0.0)
     gate = guarded.scope_gate
     assert gate is not None
     prompt = guarded.encode_chat(QUESTION)

@@ -114,7 +114,7 @@ function renderThresholds(thresholds) {
   $("thresholds").textContent = parts.join(", ") || "–";
 }
 
-// The scope gate: only short factual questions are judged; elsewhere the risk is shown
+// The scope gate: only factual questions are judged; elsewhere the risk is shown
 // but does not count (the answer passes). `null`: the probe has no gate, all is judged.
 function judged(scope) {
   return !scope || scope.in_scope !== false;
@@ -127,11 +127,28 @@ function renderScope(scope) {
   if (!scope) {
     cell.textContent = "judged (this probe has no scope gate)";
   } else if (scope.in_scope) {
-    cell.textContent = `judged: a short factual question (p = ${fmt(scope.score)})`;
+    cell.textContent = `judged: a factual question (p = ${fmt(scope.score)})`;
   } else {
-    cell.textContent = `not judged (p = ${fmt(scope.score)} of a short factual question): ` +
+    cell.textContent = `not judged (p = ${fmt(scope.score)} of a factual question): ` +
       "the probe was trained on those only, so this risk does not count";
   }
+}
+
+// The knowledge gate: does the model know what the prompt asks about? `null`: no gate.
+function renderPromptRisk(promptRisk, thresholds) {
+  const cell = $("prompt-risk");
+  if (typeof promptRisk !== "number") {
+    cell.textContent = "– (this probe has no knowledge gate)";
+    return;
+  }
+  const t = thresholds || {};
+  let verdict = "the model seems to know what this asks about";
+  if (typeof t.prompt_abstain === "number" && promptRisk >= t.prompt_abstain) {
+    verdict = "the model does not know what this asks about: not answered";
+  } else if (typeof t.prompt_flag === "number" && promptRisk >= t.prompt_flag) {
+    verdict = "the model may not know what this asks about: flagged";
+  }
+  cell.textContent = `${fmt(promptRisk)}: ${verdict}`;
 }
 
 function renderLayers(layers) {
@@ -188,6 +205,7 @@ function renderVerdict(guard, finishReason) {
   renderRisk(guard.risk);
   if (guard.guarded === false) $("scope").textContent = "nothing is judged (unguarded)";
   else renderScope(guard.scope);
+  if (guard.guarded !== false) renderPromptRisk(guard.prompt_risk, guard.thresholds);
   renderThresholds(guard.thresholds);
   if (guard.probe) $("probe").textContent = `${guard.probe.name} · ${String(guard.probe.sha256 || "").slice(0, 12)}`;
   renderLayers(guard.layers);
@@ -198,6 +216,9 @@ function renderVerdict(guard, finishReason) {
   else if (!judged(guard.scope)) {
     note = "Not judged: the question is outside the probe's scope, so the answer passes " +
       "whatever its risk.";
+  } else if (decision === "abstain" && guard.risk === null && typeof guard.prompt_risk === "number") {
+    note = "Not answered: the model does not know what the prompt asks about (prompt risk " +
+      `${fmt(guard.prompt_risk)} at or above ${fmt((guard.thresholds || {}).prompt_abstain)}).`;
   } else if (decision === "abstain" && guard.aborted) {
     note = `Generation was stopped: the running risk crossed the abort threshold (finish_reason ${finishReason || "content_filter"}).`;
   } else if (decision === "abstain") {

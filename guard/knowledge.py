@@ -1,0 +1,83 @@
+"""The knowledge gate: does the model know what the prompt asks about?
+
+A made-up biography is fluent: its tokens look like any other answer's, so a risk pooled
+over them dilutes (issue 11). Whether the model knows the entity it is asked about is
+readable earlier, from the prompt alone (Ferrando et al. 2025, "Do I Know This Entity?";
+cf. Kadavath et al. 2022, "P(IK)"): a logistic regression on the residual stream after one
+middle decoder layer at the last prompt token gives ``prompt_risk``, the probability that
+the prompt asks about something the model has never seen. It is known before the first
+answer token, so the policy may abstain without generating (`guard.policy`), and it costs
+one dot product per request: the prefill computes that state anyway. Trained offline
+(`probes.knowledge`) and stored in the artifact (``knowledge.npz``, the manifest's
+``knowledge`` recipe with its flag and abstain thresholds).
+
+    gate = KnowledgeGate.from_probe(probe, model)      # None when the probe has none
+    with gate.capture(model) as residual:
+        model(input_ids, logits_to_keep=1)
+    risks = gate.risks(residual.take())               # one prompt_risk per row
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from guard.errors import CaptureError, ProbeModelMismatchError
+from guard.hooks import Hook, PositionCapture
+from guard.neurons import find_mlp_layers
+from guard.probe import Probe, check_gate_width
+
+
+def decoder_block(model: nn.Module, layer: int) -> nn.Module:
+    """Decoder block ``layer`` (0-based): the module whose output is the residual stream
+    after that layer (the one holding MLP ``layer``, whatever the architecture's names)."""
+    mlps = find_mlp_layers(model)
+    if not 0 <= layer < len(mlps):
+        raise ProbeModelMismatchError(
+            f"the knowledge gate reads decoder layer {layer}; the model has {len(mlps)}"
+        )
+    name = mlps[layer].name.split(f".{layer}.")[0] + f".{layer}"
+    return model.get_submodule(name)
+
+
+class ResidualCapture(PositionCapture):
+    """Record the residual stream after one decoder block in forward passes; `take` one
+    position per row (default: the last)."""
+
+    _missing = "no forward pass reached the knowledge gate's layer"
+
+    def __init__(self, model: nn.Module, layer: int) -> None:
+        block = decoder_block(model, layer)
+        super().__init__(model, "residual stream", [Hook(block, self._record)])
+
+    def _record(self, module: nn.Module, args: tuple[torch.Tensor, ...], output: object) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        if not isinstance(hidden, torch.Tensor):
+            raise CaptureError(f"{type(module).__name__} returned no hidden-state tensor")
+        self._keep(hidden)
+
+
+class KnowledgeGate:
+    """A probe's knowledge gate: residual states in, ``prompt_risk`` per row out."""
+
+    def __init__(self, weights: torch.Tensor, bias: float, layer: int) -> None:
+        self.weights = weights.float()
+        self.bias = float(bias)
+        self.layer = int(layer)
+
+    @classmethod
+    def from_probe(cls, probe: Probe, hidden_size: int) -> KnowledgeGate | None:
+        """The probe's gate for a model of ``hidden_size``; None when the probe has none."""
+        recipe, weights = probe.manifest.knowledge, probe.knowledge
+        if recipe is None or weights is None:
+            return None
+        check_gate_width(probe, "knowledge", recipe.hidden_size, hidden_size)
+        return cls(torch.as_tensor(weights.weights), weights.bias, recipe.layer)
+
+    def capture(self, model: nn.Module) -> ResidualCapture:
+        return ResidualCapture(model, self.layer)
+
+    def risks(self, hidden: torch.Tensor) -> list[float]:
+        """``prompt_risk`` per row of ``hidden`` ``[batch, hidden]``."""
+        logits = hidden.float() @ self.weights.to(hidden.device) + self.bias
+        return [float(p) for p in torch.sigmoid(logits).tolist()]
