@@ -6,13 +6,15 @@
 
 The design was chosen on validation data only and frozen before the second held-out set
 was read (`bench/results/knowledge_frozen.json`): the residual stream after decoder layer
-15 (0-based; ``hidden_states[16]``) at the last prompt token, C = 0.1.
+15 (0-based; ``hidden_states[16]``) at the last prompt token, C = 0.1. The shipped version
+adds real examples (`knowledge_frozen_v2.json`, frozen before the third held-out set).
 
 - Fit (label 1 = a made-up entity): the generator's seed-0 entities, short and long
-  (`probes.longform_data`); label 0: TriviaQA train questions in the shipped recipe, the
-  long-form recipe and as users type them (plain, casual), requests about the train
-  entities the model named correctly, and requests about 1,200 train gold-answer names in
-  the generator's own long-form templates (two each).
+  (`probes.longform_data`); label 0: TriviaQA train questions in the shipped recipe and
+  the long-form recipe (the collected ones), 3,000 as users type them (plain, casual), the
+  420 open prompts of `probes/data/open_prompts.jsonl` (two phrasings), requests about the
+  train entities the model named correctly, and requests about 1,200 train gold-answer
+  names in the generator's own long-form templates (two each).
 - Lines, on validation prompts: flag at most 8% of the model's correct validation answers
   (short, long, typed each) and 10% of requests about 300 validation gold-answer names;
   abstain at most 4% / 5%.
@@ -41,6 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 LAYER, C = 15, 0.1  # frozen: bench/results/knowledge_frozen.json
 REAL_TRAIN_NAMES, REAL_VAL_NAMES = 1200, 300
+TYPED_TRAIN = 3000  # TriviaQA train questions as users type them (real, label 0)
 FIT_SETS = ("madeup_train_short", "madeup_train_long", "tqa_short_train", "tqa_long_train")
 log = logging.getLogger("knowledge_gate")
 
@@ -72,9 +75,10 @@ def build_prompts(work: Path, tokenizer: Any) -> dict[str, tuple[list[list[int]]
     """Every fit and validation group: token-id prompts and, per prompt, 1 = made up."""
     from guard.model import encode_chats
     from guard.probe import PromptRecipe
-    from probes.longform_data import real_entity
+    from probes.datasets import load_questions, split_of
+    from probes.longform_data import TRIVIAQA, real_entity
     from probes.madeup_templates import generic_long_requests
-    from probes.scope import question_variants
+    from probes.scope import OPEN_PROMPTS, load_open_prompts, open_variants, question_variants
 
     def encoded(conversations: list[list[dict[str, str]]]) -> list[list[int]]:
         return encode_chats(tokenizer, conversations, None)[0] if conversations else []
@@ -84,11 +88,13 @@ def build_prompts(work: Path, tokenizer: Any) -> dict[str, tuple[list[list[int]]
         records = list(_answers(work, name).values())
         label = 1 if name.startswith("madeup") else 0
         groups[name] = ([list(r.prompt_ids) for r in records], np.full(len(records), label))
-    for split in ("train", "val"):
-        records = list(_answers(work, f"tqa_short_{split}").values())
-        chosen = records if split == "train" else [r for r in records if r.correct]
-        typed = [c for r in chosen for c in question_variants(r.question, PromptRecipe())[:2]]
+    train_questions = [i.question for i in load_questions(TRIVIAQA) if split_of(i.id) == "train"]
+    val_correct = [r.question for r in _answers(work, "tqa_short_val").values() if r.correct]
+    for split, questions in (("train", train_questions[:TYPED_TRAIN]), ("val", val_correct)):
+        typed = [c for q in questions for c in question_variants(q, PromptRecipe())[:2]]
         groups[f"typed_{split}"] = (encoded(typed), np.zeros(len(typed)))
+    opens = [c for p in load_open_prompts(OPEN_PROMPTS) for c in open_variants(p.prompt)]
+    groups["open_train"] = (encoded(opens), np.zeros(len(opens)))
     for split in ("short", "long"):
         answered = _answers(work, f"tqa_{split}_val").values()
         prompts = [list(r.prompt_ids) for r in answered if r.correct]
@@ -132,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model()
     groups = build_prompts(args.work, loaded.tokenizer)
     states = cached_states(loaded, groups, args.work / f"knowledge_states_L{LAYER}.npz")
-    fit = [*FIT_SETS, "typed_train", "known_train", "real_train"]
+    fit = [*FIT_SETS, "typed_train", "open_train", "known_train", "real_train"]
     recipe, weights = fit_knowledge_gate(
         np.concatenate([states[n] for n in fit]),
         np.concatenate([groups[n][1] for n in fit]),

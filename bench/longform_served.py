@@ -2,7 +2,7 @@
 
     python bench/longform.py --stage collect [--heldout --heldout-file FILE --work DIR]
     python bench/knowledge_gate.py --work work-longform --also DIR ...   # prompt risks
-    python bench/longform_served.py --work work-longform --heldout2 DIR --out FILE
+    python bench/longform_served.py --work work-longform --heldout heldout2=DIR ... --out FILE
 
 For every collected answer set: the shipped probe's scope gate on the prompt, its answer
 risk (mean pooling, `RiskScorer`) against the manifest's flag and abstain lines, and the
@@ -12,9 +12,8 @@ counts as flagged when the policy's decision is flag or abstain (`guard.policy.P
 judged prompts only, the stricter of the two); ``abstained_before_generation`` counts the
 prompts the server does not answer at all. Sets: TriviaQA validation/test (short and long
 form), NQ-open (first 1,200), bench/scope.py's prompts, the generator's validation
-entities, and both held-out made-up sets (``heldout_*`` in ``--work``: the first, read
-once before this design existed; in ``--heldout2``: the second, first read after the
-design was frozen).
+entities, and the held-out made-up sets (``heldout_*`` in ``--work``: the first; each
+``--heldout LABEL=DIR``: a later one, reported as ``LABEL:heldout_*``).
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ SETS = [
     "tqa_short_test", "tqa_long_test", "nq_short", "scope_short", "scope_long",
     "heldout_short", "heldout_long", "heldout_real_long",
 ]  # fmt: skip
-HELDOUT2 = ["heldout_short", "heldout_long", "heldout_real_long", "heldout_real_short"]
+HELDOUT = ["heldout_short", "heldout_long", "heldout_real_long", "heldout_real_short"]
 
 
 def served(s: AnswerSet, work: Path, policy: Policy, gate: ScopeGate | None) -> dict[str, Any]:
@@ -89,10 +88,13 @@ def served(s: AnswerSet, work: Path, policy: Policy, gate: ScopeGate | None) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ROOT / "work-longform")
-    parser.add_argument("--heldout2", type=Path, help="the second held-out set's work dir")
+    parser.add_argument(
+        "--heldout", nargs="*", default=[], metavar="LABEL=DIR", help="later held-out sets"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/longform_served.json")
+    parser.add_argument("--probe", default="default", help="shipped probe name or directory")
     args = parser.parse_args(argv)
-    probe = load_probe("default")
+    probe = load_probe(args.probe)
     if probe.manifest.knowledge is None:
         raise SystemExit("the shipped probe has no knowledge gate")
     policy = Policy.from_probe(probe.manifest.thresholds, GuardSettings(), probe.manifest.knowledge)
@@ -107,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         "scope_threshold": probe.manifest.scope.threshold if probe.manifest.scope else None,
         "sets": {},
     }
-    for work, names, prefix in ((args.work, SETS, ""), (args.heldout2, HELDOUT2, "heldout2:")):
-        if work is None:
-            continue
+    later = [
+        (Path(d), HELDOUT, f"{label}:") for label, d in (h.split("=", 1) for h in args.heldout)
+    ]
+    for work, names, prefix in ((args.work, SETS, ""), *later):
         for name in names:
             s = load_set(work, name, scorer, tokenizer)
             if s is not None:

@@ -42,7 +42,7 @@ class ShippedProbe:
 _SMOLLM2 = ShippedProbe(
     name="smollm2-135m-triviaqa",
     directory=PACKAGE_DIR / "default_probe",
-    sha256="1a94b1a41447a2414d6a8cd0a87363bcaf2562dc48e9b166619aa6da53171cba",
+    sha256="2aeec5d5a086481cc28ea293e32fb328880a231cff1322cd791970099a3d1347",
 )
 _GEMMA3 = ShippedProbe(
     name="gemma3-270m-triviaqa",
