@@ -37,11 +37,18 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from guard.knowledge import KnowledgeGate
 from guard.neurons import MLPLayer
 from guard.policy import Policy
-from guard.results import FinishReason, GenerationResult, GuardInfo, ScopeVerdict, TokenRisk
+from guard.results import (
+    FinishReason,
+    GenerationResult,
+    GuardInfo,
+    ScopeVerdict,
+    SpanRisk,
+    TokenRisk,
+)
 from guard.sampling import SamplingParams, TextTracker, sample_next
 from guard.scope import ScopeGate
 from guard.scoring import RiskScorer, RunningStats
-from guard.spans import scored_spans
+from guard.spans import SentenceStream, scored_spans
 
 __all__ = [
     "DecodeEngine",
@@ -64,7 +71,8 @@ class TokenEvent:
     ``delta`` is the answer text that became safe to send with it (possibly empty: text
     that may start a stop string, or half a UTF-8 character, is held back). ``scope`` and
     ``prompt_risk`` are the request's scope verdict and knowledge gate risk (known from the
-    prompt pass on), None without those gates.
+    prompt pass on), None without those gates. ``riskiest_span``: the riskiest sentence
+    of the answer so far that is final (`guard.spans.SentenceStream`; None before one is).
     """
 
     index: int
@@ -73,6 +81,7 @@ class TokenEvent:
     running_risk: float | None
     scope: ScopeVerdict | None = None
     prompt_risk: float | None = None
+    riskiest_span: SpanRisk | None = None
 
 
 class GenerationSink(Protocol):
@@ -148,7 +157,7 @@ class DecodeRow:
     generator: torch.Generator | None
     running: RunningStats = field(default_factory=RunningStats)
     tokens: list[TokenRisk] = field(default_factory=list)
-    values: list[tuple[float, float, float]] = field(default_factory=list)  # s, logprob, entropy
+    sentences: SentenceStream | None = None  # guarded rows, from their first scored token
     layer_sums: np.ndarray | None = None
     pending: tuple[int, float, float] | None = None  # sampled, not yet fed: id, logprob, entropy
     scope: ScopeVerdict | None = None
@@ -179,26 +188,33 @@ class DecodeRow:
         token_id, logprob, entropy = pending
         scorer, risk, running = self.engine.scorer, None, None
         index = len(self.tokens)
+        delta = self.tracker.push(token_id)
+        finished: list[SpanRisk] = []
         if scorer is not None:
             s = float(measured[0])
             parts = np.asarray(measured[1:], dtype=np.float64)
             self.layer_sums = parts if self.layer_sums is None else self.layer_sums + parts
             self.running.update(s, logprob, entropy)
-            self.values.append((s, logprob, entropy))
             risk = scorer.token_risk(s, logprob, entropy, index)
             running = scorer.answer_risk(self.running.stats())
+            if self.sentences is None:
+                self.sentences = SentenceStream(scorer)
+            tracker = self.tracker
+            finished = self.sentences.push(tracker.text, tracker.delivered, s, logprob, entropy)
         text = str(self.engine.tokenizer.decode([token_id], skip_special_tokens=True))
         token = TokenRisk(token_id, text, risk)
         self.tokens.append(token)
-        delta = self.tracker.push(token_id)
-        event = TokenEvent(index, token, delta, running, self.scope, self.prompt_risk)
+        riskiest = self.sentences.riskiest if self.sentences is not None else None
+        event = TokenEvent(index, token, delta, running, self.scope, self.prompt_risk, riskiest)
         self.request.sink.on_token(event)
         if self.tracker.stopped:
             self.finish("stop")
         elif (
             self.params.abort
             and running is not None
-            and self.engine.policy.should_abort(running, len(self.tokens), self.scope)
+            and self.engine.policy.should_abort(
+                running, len(self.tokens), self.scope, [span.risk for span in finished]
+            )
         ):
             self.finish("content_filter", aborted=True)
         if not self.done and len(self.tokens) >= self.params.max_tokens:
@@ -221,11 +237,12 @@ class DecodeRow:
     def _result(self, reason: FinishReason, aborted: bool) -> GenerationResult:
         engine, scorer = self.engine, self.engine.scorer
         risk, layers, spans = None, {}, []
-        if scorer is not None and self.layer_sums is not None:  # at least one token scored
+        sentences, layer_sums = self.sentences, self.layer_sums
+        if scorer is not None and sentences is not None and layer_sums is not None:  # scored
             risk = scorer.answer_risk(self.running.stats())
-            layers = scorer.layer_shares(self.layer_sums, self.running.length)
+            layers = scorer.layer_shares(layer_sums, self.running.length)
             ids = [token.token_id for token in self.tokens]
-            s, logprob, entropy = np.asarray(self.values, dtype=np.float64).T
+            s, logprob, entropy = sentences.token_values().T
             text_length = len(self.tracker.text)
             spans = scored_spans(scorer, engine.tokenizer, ids, s, logprob, entropy, text_length)
         return GenerationResult(

@@ -11,17 +11,21 @@ An answer's decision is the stricter of the answer risk's and the prompt risk's 
 against its own thresholds), for prompts the scope gate judges. With
 ``abstain_before_generation``, a prompt whose risk reaches the prompt abstain threshold
 is not answered at all (`abstains_before`): the decision it would end with anyway, without
-the generation.
+the generation. With ``abort_on_sentences``, a stream is also stopped as soon as one of
+its sentences is final with a risk at the abort threshold (`guard.spans.SentenceStream`):
+one invented claim in a long answer need not wait for the whole answer's risk.
 
     policy = Policy.from_probe(probe.manifest.thresholds, settings, probe.manifest.knowledge)
     policy.decide(0.93)                       # Decision.ABSTAIN
     policy.decide(0.93, scope=ScopeVerdict(False, 0.1))   # Decision.PASS: not judged
     policy.decide(0.2, prompt_risk=0.99)      # the prompt's decision (abstain, say)
     policy.should_abort(0.97, 12, scope)
+    policy.should_abort(0.40, 12, scope, sentence_risks=[0.98])   # with abort_on_sentences
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -51,6 +55,8 @@ class ThresholdOverrides(Protocol):
     def knowledge_gate(self) -> bool: ...
     @property
     def abstain_before_generation(self) -> bool: ...
+    @property
+    def abort_on_sentences(self) -> bool: ...
 
 
 _SEVERITY = (Decision.PASS, Decision.FLAG, Decision.ABSTAIN)
@@ -71,7 +77,8 @@ def _on(risk: float | None, flag: float | None, abstain: float | None) -> Decisi
 class Policy:
     """Thresholds on the calibrated risk; ``abort=None`` disables mid-stream aborts;
     ``prompt_flag``/``prompt_abstain``: thresholds on ``prompt_risk`` (None: no knowledge
-    gate)."""
+    gate); ``abort_on_sentences``: the abort threshold applies to each final sentence's
+    risk too, not only to the running risk."""
 
     flag: float
     abstain: float
@@ -80,6 +87,7 @@ class Policy:
     prompt_flag: float | None = None
     prompt_abstain: float | None = None
     abstain_before_generation: bool = False
+    abort_on_sentences: bool = False
 
     def __post_init__(self) -> None:
         for name in ("flag", "abstain", "abort", "prompt_flag", "prompt_abstain"):
@@ -126,6 +134,7 @@ class Policy:
             prompt_flag=prompt_flag,
             prompt_abstain=prompt_abstain,
             abstain_before_generation=overrides.abstain_before_generation,
+            abort_on_sentences=overrides.abort_on_sentences,
         )
 
     def decide(
@@ -159,16 +168,20 @@ class Policy:
         )
 
     def should_abort(
-        self, running_risk: float, tokens: int, scope: ScopeVerdict | None = None
+        self,
+        running_risk: float,
+        tokens: int,
+        scope: ScopeVerdict | None = None,
+        sentence_risks: Sequence[float] = (),
     ) -> bool:
-        """Stop a stream once the running risk reaches the abort threshold (after
-        ``abort_min_tokens`` tokens, and only for a prompt the policy judges)."""
-        return (
-            self.abort is not None
-            and judged(scope)
-            and tokens >= self.abort_min_tokens
-            and running_risk >= self.abort
-        )
+        """Stop a stream once the running risk reaches the abort threshold, or (with
+        ``abort_on_sentences``) the risk of a sentence that just became final does; after
+        ``abort_min_tokens`` tokens, and only for a prompt the policy judges."""
+        if self.abort is None or not judged(scope) or tokens < self.abort_min_tokens:
+            return False
+        if running_risk >= self.abort:
+            return True
+        return self.abort_on_sentences and any(risk >= self.abort for risk in sentence_risks)
 
     def thresholds(self) -> dict[str, float]:
         """The thresholds as the ``guard`` object shows them."""

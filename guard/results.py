@@ -94,6 +94,11 @@ class ScoreResult:
         return judged(self.scope)
 
     @property
+    def riskiest_span(self) -> SpanRisk | None:
+        """The sentence with the highest risk (the first of equals); None without spans."""
+        return max(self.spans, key=lambda span: span.risk, default=None)
+
+    @property
     def token_ids(self) -> list[int]:
         return [token.token_id for token in self.tokens]
 

@@ -130,6 +130,11 @@ class TextTracker:
         delta, self.sent = text[self.sent : safe], safe
         return delta
 
+    @property
+    def delivered(self) -> str:
+        """The text sent so far (never the start of a possible stop string)."""
+        return self.text[: self.sent]
+
     def flush(self) -> str:
         """The rest of the text, at the end of the answer."""
         rest, self.sent = self.text[self.sent :], len(self.text)

@@ -46,6 +46,11 @@ class GuardSettings(BaseSettings):
     abstain_threshold: Probability | None = None
     abort_threshold: Probability | None = None
     abort_min_tokens: int | None = Field(default=None, ge=1)
+    abort_on_sentences: bool = Field(
+        default=False,
+        description="with an abort threshold: also stop a stream as soon as one of its "
+        "sentences is final with a risk at that threshold (false: the running risk only)",
+    )
     abstain_message: str = DEFAULT_ABSTAIN_MESSAGE
     knowledge_gate: bool = Field(
         default=False,

@@ -7,7 +7,10 @@ implementation; `probes.longform` uses it):
 - `token_char_spans`: each response token's characters in the decoded answer;
 - `sentence_token_ranges` / `answer_sentences`: the tokens of each sentence (a token
   belongs to the sentence its first character falls in, so the space before a sentence
-  opens it).
+  opens it);
+- `SentenceStream`: the same sentences while the answer streams, each scored as soon as
+  it is final (the riskiest so far is what stream chunks show and what the abort rule
+  may act on).
 
     chars, tokens = answer_sentences(tokenizer, response_ids)
     spans = scored_spans(scorer, tokenizer, response_ids, logits, logprobs, entropies)
@@ -16,6 +19,7 @@ implementation; `probes.longform` uses it):
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -76,57 +80,65 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     return merged
 
 
+class TokenOffsets:
+    """Each response token's ``[start, end)`` in the decoded answer, one token at a time:
+    `push` the answer decoded up to and including the token (incremental decoding).
+
+    A token that ends inside a multi-byte character (decoded as U+FFFD until the
+    character completes) shares the span of the token that completes it; a token's start
+    is known when it is pushed (``next_start``), its end once its character is complete.
+    """
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[int, int]] = []
+        self.next_start = 0
+        self._pending = 0
+
+    def push(self, decoded: str, *, last: bool = False) -> None:
+        self._pending += 1
+        if decoded.endswith("\ufffd") and not last:
+            return
+        end = max(len(decoded), self.next_start)
+        self.spans.extend([(self.next_start, end)] * self._pending)
+        self.next_start, self._pending = end, 0
+
+
 def token_char_spans(
     tokenizer: PreTrainedTokenizerBase, response_ids: list[int]
 ) -> list[tuple[int, int]]:
-    """``[start, end)`` of each response token in ``decode(response_ids)`` (incremental decoding).
-
-    A token that ends inside a multi-byte character (decoded as U+FFFD until the
-    character completes) shares the span of the token that completes it.
-    """
-    spans: list[tuple[int, int]] = []
-    stable_end = 0
-    pending = 0
+    """``[start, end)`` of each response token in ``decode(response_ids)`` (`TokenOffsets`)."""
+    offsets = TokenOffsets()
     for count in range(1, len(response_ids) + 1):
         prefix = str(tokenizer.decode(response_ids[:count], skip_special_tokens=True))
-        pending += 1
-        if prefix.endswith("\ufffd") and count < len(response_ids):
-            continue
-        end = max(len(prefix), stable_end)
-        spans.extend([(stable_end, end)] * pending)
-        stable_end, pending = end, 0
-    return spans
+        offsets.push(prefix, last=count == len(response_ids))
+    return offsets.spans
 
 
 def sentence_token_ranges(
     token_spans: Sequence[tuple[int, int]], sentences: Sequence[tuple[int, int]]
 ) -> list[tuple[int, int]]:
-    """Half-open token ranges of each sentence; together they tile all the tokens (tokens
-    after the last sentence join it). Sentences that get no token are dropped."""
+    """Half-open token ranges of each sentence, one per sentence (empty, ``(n, n)``, for a
+    sentence that no token starts in); together they tile all the tokens (tokens after the
+    last sentence join it)."""
     if not sentences:
         return [(0, len(token_spans))] if token_spans else []
-    owner = []
-    for start, _ in token_spans:
-        index = next((i for i, (_, end) in enumerate(sentences) if start < end), None)
-        owner.append(len(sentences) - 1 if index is None else index)
-    ranges = []
-    for sentence in range(len(sentences)):
-        members = [t for t, o in enumerate(owner) if o == sentence]
-        if members:
-            ranges.append((members[0], members[-1] + 1))
-    return ranges
+    starts = [start for start, _ in token_spans]
+    cuts = [bisect_left(starts, end) for _, end in sentences[:-1]]
+    return list(zip([0, *cuts], [*cuts, len(starts)], strict=True))
 
 
 def answer_sentences(
     tokenizer: PreTrainedTokenizerBase, response_ids: list[int]
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """``(character spans, token ranges)`` of the sentences of a response, one per sentence."""
+    """``(character spans, token ranges)`` of the sentences of a response, paired; a
+    sentence that holds no token of its own is left out."""
     text = str(tokenizer.decode(response_ids, skip_special_tokens=True))
     chars = sentence_spans(text)
-    tokens = sentence_token_ranges(token_char_spans(tokenizer, response_ids), chars)
-    if len(tokens) != len(chars):  # a sentence with no token of its own: keep them paired
-        chars = [chars[0]] if not tokens else chars[: len(tokens)]
-    return chars, tokens
+    ranges = sentence_token_ranges(token_char_spans(tokenizer, response_ids), chars)
+    if not chars:
+        return [], ranges
+    pairs = [(span, rng) for span, rng in zip(chars, ranges, strict=True) if rng[1] > rng[0]]
+    return [span for span, _ in pairs], [rng for _, rng in pairs]
 
 
 def scored_spans(
@@ -140,9 +152,9 @@ def scored_spans(
 ) -> list[SpanRisk]:
     """The sentences of a scored answer with their risks. ``text_length``: the answer
     text as delivered when a stop string cut it (spans end there; none start after)."""
-    if not response_ids:
-        return []
     chars, ranges = answer_sentences(tokenizer, response_ids)
+    if not chars:  # no answer, or only whitespace: no sentence
+        return []
     s, lp, ent = (np.asarray(v, dtype=np.float64) for v in (token_logits, logprobs, entropies))
     risks = scorer.span_risks(s, lp, ent, ranges)
     limit = text_length if text_length is not None else max((end for _, end in chars), default=0)
@@ -151,3 +163,57 @@ def scored_spans(
         for (start, end), risk in zip(chars, risks, strict=True)
         if start < limit
     ]
+
+
+class SentenceStream:
+    """The sentences of an answer while it streams, each scored as soon as it is final.
+
+    A sentence is final once the delivered text after it holds at least
+    `MIN_SENTENCE_CHARS` characters of what follows (a shorter tail could still join it when
+    the answer ends there: `sentence_spans`), so about three tokens after its full stop.
+    Every sentence it reports is one of the final answer's `scored_spans`, with the same
+    offsets and the same risk; the last sentence is final only in those.
+
+        stream = SentenceStream(scorer)
+        new = stream.push(decoded, delivered, s, logprob, entropy)   # per token
+        stream.riskiest                                              # SpanRisk | None
+    """
+
+    def __init__(self, scorer: RiskScorer) -> None:
+        self._scorer = scorer
+        self._offsets = TokenOffsets()
+        self._starts: list[int] = []
+        self._values: list[tuple[float, float, float]] = []
+        self._settled = 0  # sentences of the delivered text already final
+        self.riskiest: SpanRisk | None = None
+
+    def push(
+        self, decoded: str, delivered: str, token_logit: float, logprob: float, entropy: float
+    ) -> list[SpanRisk]:
+        """Add one token: ``decoded``, the answer decoded up to and including it;
+        ``delivered``, the part of it sent so far (never a possible stop string's start).
+        Returns the sentences that became final with it (usually none)."""
+        self._starts.append(self._offsets.next_start)
+        self._offsets.push(decoded)
+        self._values.append((token_logit, logprob, entropy))
+        sentences = sentence_spans(delivered)
+        final: list[SpanRisk] = []
+        for index in range(self._settled, len(sentences) - 1):
+            after = sentences[index - 1][1] if index else None
+            first = 0 if after is None else bisect_left(self._starts, after)
+            stop = bisect_left(self._starts, sentences[index][1])
+            if stop > first:  # a sentence no token starts in is not a span
+                final.append(SpanRisk(*sentences[index], self._risk(first, stop)))
+        self._settled = max(self._settled, len(sentences) - 1)
+        for span in final:
+            if self.riskiest is None or span.risk > self.riskiest.risk:
+                self.riskiest = span
+        return final
+
+    def token_values(self) -> np.ndarray:
+        """``[tokens, 3]``: each pushed token's probe logit, log-prob and entropy."""
+        return np.asarray(self._values, dtype=np.float64).reshape(-1, 3)
+
+    def _risk(self, first: int, stop: int) -> float:
+        s, lp, ent = np.asarray(self._values[first:stop], dtype=np.float64).T
+        return self._scorer.span_risks(s, lp, ent, [(0, stop - first)])[0]

@@ -45,6 +45,7 @@ from guard.results import (
     GuardInfo,
     ScopeVerdict,
     ScoreResult,
+    SpanRisk,
     TokenRisk,
 )
 
@@ -118,6 +119,14 @@ def scope_score(scope: ScopeVerdict | None) -> ScopeScore | None:
     return None if scope is None else ScopeScore(in_scope=scope.in_scope, score=scope.score)
 
 
+def span_score(span: SpanRisk) -> SpanScore:
+    return SpanScore(start=span.start, end=span.end, risk=span.risk)
+
+
+def riskiest_score(span: SpanRisk | None) -> SpanScore | None:
+    return None if span is None else span_score(span)
+
+
 def token_score(token: TokenRisk, *, withheld: bool = False) -> TokenScore:
     """One token with its risk; ``withheld``: without its text."""
     return TokenScore(text=None if withheld else token.text, risk=token.risk)
@@ -133,12 +142,13 @@ def guard_object(
         tokens=[token_score(token, withheld=withheld) for token in tokens],
         scope=scope_score(result.scope),
         prompt_risk=result.prompt_risk,
+        riskiest_span=riskiest_score(result.riskiest_span),
         guarded=result.info.guarded,
         decision=result.decision,
         aborted=result.aborted,
         withheld=withheld,
         layers={str(layer): share for layer, share in result.layers.items()},
-        spans=[SpanScore(start=s.start, end=s.end, risk=s.risk) for s in result.spans],
+        spans=[span_score(span) for span in result.spans],
         probe=_probe(result.info),
         thresholds=_thresholds(result.info),
     )
@@ -153,6 +163,7 @@ def running_guard(event: TokenEvent | None, prompt: PromptVerdicts, guarded: boo
         tokens=tokens,
         scope=scope_score(prompt.scope),
         prompt_risk=prompt.prompt_risk,
+        riskiest_span=None if event is None else riskiest_score(event.riskiest_span),
         guarded=guarded,
     )
 

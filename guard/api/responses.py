@@ -39,7 +39,8 @@ class SpanScore(BaseModel):
     end: int = Field(description="offset just past its last character")
     risk: float = Field(
         description="the sentence's risk, scored as if it were the whole answer; it shows "
-        "where the risk is, the decision is the answer risk's"
+        "where the risk is, the decision is the answer risk's (and, with "
+        "GUARD_ABORT_ON_SENTENCES, a stream's abort may act on it)"
     )
 
 
@@ -86,6 +87,12 @@ class RunningGuard(BaseModel):
         description="the knowledge gate's probability that the prompt asks about something "
         "the model does not know (known before the first token); null: the probe has no "
         "knowledge gate",
+    )
+    riskiest_span: SpanScore | None = Field(
+        default=None,
+        description="the riskiest sentence of the answer so far that is final (a sentence "
+        "is final once 12 characters of the next one follow it, or the answer ends); it is "
+        "one of the final `spans`, with the same offsets and risk; null before one is",
     )
     guarded: bool = Field(description="false: served without a probe, nothing is judged")
 

@@ -77,6 +77,23 @@ def test_sse_shape(make_app: AppFactory) -> None:
     )
 
 
+def test_stream_chunks_show_the_riskiest_final_sentence(make_app: AppFactory) -> None:
+    """Each token chunk's ``riskiest_span`` is null or a final sentence: one of the
+    verdict's ``spans``, same offsets and risk; the verdict's is the riskiest of them."""
+    body = {**CHAT, "max_tokens": 64, "stream": True}
+    with (
+        TestClient(make_app()) as client,
+        client.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        events = _events(list(response.iter_lines()))
+    final = events[-1]["guard"]
+    shown = [e["guard"]["riskiest_span"] for e in events[1:-1]]
+    assert all("riskiest_span" in e["guard"] for e in events)
+    assert all(span is None or span in final["spans"] for span in shown)
+    assert any(span is not None for span in shown), "a sentence was final before the end"
+    assert final["riskiest_span"] == max(final["spans"], key=lambda span: span["risk"])
+
+
 def test_stream_abort_ends_with_content_filter(
     make_app: AppFactory, tiny_model: LoadedModel, tmp_path: Path
 ) -> None:

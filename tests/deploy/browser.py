@@ -77,7 +77,8 @@ def page_state(driver: webdriver.Chrome) -> dict[str, Any]:
         """
         const tokens = [...document.querySelectorAll('#answer .tok')].map(t => ({
           text: t.textContent, risk: Number(t.dataset.risk),
-          color: getComputedStyle(t).backgroundColor}));
+          color: getComputedStyle(t).backgroundColor,
+          outlined: t.classList.contains('riskiest')}));
         return {
           tokens, answer: document.getElementById('answer').textContent,
           decision: document.getElementById('verdict').dataset.decision,

@@ -17,7 +17,7 @@ from tests.fixtures.servers import guard_app
 SERVED_NAME = "tiny-guard"
 
 
-def tiny_app(probe_dir: Path | None, **thresholds: Any) -> FastAPI:
+def tiny_app(probe_dir: Path | None, *, max_new_tokens: int = 24, **thresholds: Any) -> FastAPI:
     """The real app around a tiny random Llama and a planted probe (validation quantiles
     0.5 -> 0.4 and 0.9 -> 0.8 in its manifest); ``None``: unguarded, no probe.
     ``thresholds`` go to `write_probe` (``flag``, ``abstain``, ``abort``, ``scope_bias``...)."""
@@ -27,6 +27,6 @@ def tiny_app(probe_dir: Path | None, **thresholds: Any) -> FastAPI:
     probe = load_probe(probe_dir) if probe_dir is not None else None
     return guard_app(
         GuardedModel(loaded, probe), probe=str(probe_dir or "none"),
-        served_model_name=SERVED_NAME, max_new_tokens=24, max_batch=4,
+        served_model_name=SERVED_NAME, max_new_tokens=max_new_tokens, max_batch=4,
         allow_unguarded=probe_dir is None,
     )  # fmt: skip

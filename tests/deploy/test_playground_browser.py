@@ -26,10 +26,12 @@ def guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield base
 
 
-def streamed_verdict(guard: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def streamed_verdict(
+    guard: str, max_tokens: int | None = None, question: str = QUESTION
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The same question through the API: (tokens, final guard object)."""
-    body = {"model": SERVED_NAME, "temperature": 0, "stream": True,
-            "messages": [{"role": "user", "content": QUESTION}]}  # fmt: skip
+    body = {"model": SERVED_NAME, "temperature": 0, "stream": True, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": question}]}  # fmt: skip
     tokens: list[dict[str, Any]] = []
     final: dict[str, Any] = {}
     with httpx.stream("POST", f"{guard}/v1/chat/completions", json=body, timeout=60) as response:
@@ -69,6 +71,26 @@ def test_a_question_streams_shaded_tokens_and_a_verdict(guard: str, tmp_path: Pa
     low, high = colors[min(colors)], colors[max(colors)]
     if max(colors) - min(colors) > 0.1:
         assert high[0] - high[1] > low[0] - low[1]
+
+
+def test_the_riskiest_sentence_is_outlined(tmp_path: Path) -> None:
+    """A multi-sentence answer (the tiny model's to this question has four): exactly the
+    tokens of the verdict's ``riskiest_span`` are outlined, and the note names its risk."""
+    app, question = tiny_app(tmp_path / "probe", max_new_tokens=64), "Tell me about Paris."
+    with serve_in_thread(app) as base, chromium() as driver:
+        driver.get(f"{base}/ui")
+        driver.execute_script("document.getElementById('max-tokens').value = 64;")
+        ask(driver, base, question, reload=False)
+        shown = page_state(driver)
+        tokens, final = streamed_verdict(base, max_tokens=64, question=question)
+    riskiest = final["riskiest_span"]
+    assert len(final["spans"]) >= 2 and riskiest in final["spans"]
+    inside, offset = [], 0
+    for token in tokens:
+        inside.append(offset < riskiest["end"] and offset + len(token["text"]) > riskiest["start"])
+        offset += len(token["text"])
+    assert [t["outlined"] for t in shown["tokens"]] == inside and any(inside)
+    assert f"Riskiest sentence (outlined): risk {riskiest['risk']:.3f}." in shown["note"]
 
 
 @pytest.mark.parametrize("scope_bias", [-50.0, 50.0])

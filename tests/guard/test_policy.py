@@ -7,6 +7,7 @@ import pytest
 from guard.errors import GuardError
 from guard.policy import Decision, Policy
 from guard.probe import Thresholds
+from guard.results import ScopeVerdict
 from guard.settings import GuardSettings
 
 
@@ -37,6 +38,21 @@ def test_abort_needs_threshold_and_min_tokens() -> None:
     assert policy.should_abort(0.95, 3)
     assert not policy.should_abort(0.89, 30)
     assert policy.thresholds() == {"flag": 0.5, "abstain": 0.8, "abort": 0.9}
+
+
+def test_abort_on_sentences_adds_final_sentences_to_the_rule() -> None:
+    """A final sentence at the abort line stops a stream only with ``abort_on_sentences``,
+    under the same conditions as the running risk (threshold set, min tokens, in scope)."""
+    off = Policy(0.5, 0.8, abort=0.9, abort_min_tokens=3)
+    on = Policy(0.5, 0.8, abort=0.9, abort_min_tokens=3, abort_on_sentences=True)
+    assert not off.should_abort(0.4, 10, sentence_risks=[0.95])
+    assert on.should_abort(0.4, 10, sentence_risks=[0.3, 0.95])
+    assert not on.should_abort(0.4, 10, sentence_risks=[0.89])
+    assert not on.should_abort(0.4, 2, sentence_risks=[0.95])
+    assert not on.should_abort(0.4, 10, ScopeVerdict(False, 0.1), sentence_risks=[0.95])
+    assert not Policy(0.5, 0.8, abort_on_sentences=True).should_abort(0.4, 10, None, [1.0])
+    settings = GuardSettings(abort_on_sentences=True)
+    assert Policy.from_probe(Thresholds(flag=0.5, abstain=0.8), settings).abort_on_sentences
 
 
 def test_inconsistent_thresholds_are_refused() -> None:

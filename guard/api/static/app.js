@@ -8,6 +8,7 @@ const state = {
   controller: null,   // AbortController of the running request
   content: "",        // answer text from choices[0].delta.content
   tokens: [],         // scored tokens [{text, risk}] from guard.tokens
+  riskiest: null,     // guard.riskiest_span of the last chunk: the riskiest final sentence
   thresholds: null,
   finished: 0,        // questions answered or failed so far
 };
@@ -90,6 +91,7 @@ function renderAnswer() {
   }
   answer.replaceChildren(...parts);
   answer.dataset.state = parts.length ? "streaming" : "empty";
+  if (state.riskiest) outline(state.riskiest);
 }
 
 function renderRisk(risk) {
@@ -177,21 +179,27 @@ function renderLayers(layers) {
   if (!bars.length) box.textContent = "no layer shares in this response";
 }
 
-// The riskiest sentence (guard.spans: character offsets into the answer): its tokens are
-// outlined and the note names its risk. Returns that span, or null.
-function markRiskiest(spans) {
-  const riskiest = (spans || []).reduce((top, s) => (top && top.risk >= s.risk ? top : s), null);
-  if (!riskiest || (spans || []).length < 2) return null;  // one sentence: the answer itself
+// Outline the tokens of one sentence (offsets into the answer, in code points as the
+// server counts them: [...text], not UTF-16 units).
+function outline(span) {
   let offset = 0;
   const elements = $("answer").querySelectorAll(".tok");
   state.tokens.forEach((token, i) => {
     const start = offset;
-    offset += token.text.length;
-    if (elements[i] && start < riskiest.end && offset > riskiest.start) {
+    offset += [...token.text].length;
+    if (elements[i] && start < span.end && offset > span.start) {
       elements[i].classList.add("riskiest");
       elements[i].title += " · in the riskiest sentence";
     }
   });
+}
+
+// The riskiest sentence of the answer (guard.riskiest_span, one of guard.spans): outlined,
+// and the note names its risk. Returns that span, or null (one sentence: the answer itself).
+function markRiskiest(guard) {
+  const riskiest = guard.riskiest_span;
+  if (!riskiest || (guard.spans || []).length < 2) return null;
+  outline(riskiest);
   return riskiest;
 }
 
@@ -220,13 +228,16 @@ function renderVerdict(guard, finishReason) {
     note = "Not answered: the model does not know what the prompt asks about (prompt risk " +
       `${fmt(guard.prompt_risk)} at or above ${fmt((guard.thresholds || {}).prompt_abstain)}).`;
   } else if (decision === "abstain" && guard.aborted) {
-    note = `Generation was stopped: the running risk crossed the abort threshold (finish_reason ${finishReason || "content_filter"}).`;
+    const abort = (guard.thresholds || {}).abort;
+    const sentence = guard.riskiest_span && guard.riskiest_span.risk >= abort && guard.risk < abort;
+    const what = sentence ? "a finished sentence's risk" : "the running risk";
+    note = `Generation was stopped: ${what} crossed the abort threshold (finish_reason ${finishReason || "content_filter"}).`;
   } else if (decision === "abstain") {
     note = "The final risk crossed the abstain threshold: a client must withdraw this answer.";
     answer.classList.add("withdrawn");
   } else if (decision === "flag") note = "Answer returned, flagged as risky.";
   else if (decision === "pass") note = "Answer passed the guard.";
-  const riskiest = guard.guarded === false ? null : markRiskiest(guard.spans);
+  const riskiest = guard.guarded === false ? null : markRiskiest(guard);
   if (riskiest) note += ` Riskiest sentence (outlined): risk ${fmt(riskiest.risk)}.`;
   $("note").textContent = note;
 }
@@ -242,6 +253,8 @@ function handleChunk(chunk) {
     if (typeof guard.risk === "number") renderRisk(guard.risk);
     if ("scope" in guard && guard.guarded !== false) renderScope(guard.scope);
     if (guard.thresholds) renderThresholds(guard.thresholds);
+    // outlined while streaming; the verdict outlines its own (markRiskiest)
+    state.riskiest = guard.decision ? null : guard.riskiest_span || null;
   }
   renderAnswer();
   if (guard && guard.decision) renderVerdict(guard, choice.finish_reason);
@@ -272,6 +285,7 @@ async function readEvents(response, onData) {
 function reset() {
   state.content = "";
   state.tokens = [];
+  state.riskiest = null;
   $("answer").classList.remove("withdrawn");
   $("answer").replaceChildren();
   $("answer").dataset.state = "empty";
