@@ -8,9 +8,12 @@ batch (``input_batch.req_ids``). `StepCapture` hooks (through `guard.hooks.Model
 - the model's forward pre-hook: the step's layout (request order, ``query_start_loc``
   from the attention metadata, ``positions``) and which rows matter: *response rows*
   (position >= the request's prompt length: a generated token being fed, or a
-  teacher-forced answer token) and each request's last prompt row (the scope gate's input);
+  teacher-forced answer token) and each request's last prompt row (the gates' input);
 - each probe layer's down projection (`RowParallelLinear`): ``z`` of the probe's neurons
   and ``||h||`` on the response rows only (no full-width copy leaves the hook);
+- the knowledge gate's decoder layer: the residual stream after it at the last prompt row
+  (vLLM's decoder layers return ``(hidden, residual)`` and leave the residual add to the
+  next layer's norm, so the stream is their sum: what transformers' block returns);
 - the model's forward hook: the final hidden state at the last prompt row, and for
   teacher-forced requests the full-vocabulary logits at the rows that predict answer tokens;
 - the sampler's pre-hook (the raw logits it samples from, one row per request) and its
@@ -39,6 +42,7 @@ from torch import nn
 
 from guard.errors import CaptureError
 from guard.hooks import Hook, ModelHooks
+from guard.knowledge import decoder_block
 from guard.neurons import cett_from_parts, find_mlp_layers, output_norms
 from guard.scoring import RiskScorer, logit_statistics
 
@@ -59,12 +63,14 @@ class StepRecord:
     ``sampled``: (token id, log-prob, entropy) of the token sampled this step (also for a
     partial prefill chunk, whose sample vLLM discards); ``measured``: `RiskScorer.measure`
     row per response index fed this step; ``prompt_hidden``: the final hidden state at the
-    last prompt token (the step that reached it); ``forced``: (log-prob, entropy) per
+    last prompt token (the step that reached it); ``prompt_residual``: the residual stream
+    after the knowledge gate's layer there; ``forced``: (log-prob, entropy) per
     teacher-forced answer index predicted this step."""
 
     sampled: tuple[int, float, float] | None = None
     measured: dict[int, list[float]] = field(default_factory=dict)
     prompt_hidden: torch.Tensor | None = None
+    prompt_residual: torch.Tensor | None = None
     forced: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
@@ -80,9 +86,12 @@ class _Layout:
 
 
 class StepCapture(ModelHooks):
-    """Hooks on one vLLM model runner; ``with`` registers them, exit removes them."""
+    """Hooks on one vLLM model runner; ``with`` registers them, exit removes them.
+    ``knowledge_layer``: the knowledge gate's decoder layer (None: no gate)."""
 
-    def __init__(self, runner: Any, scorer: RiskScorer | None) -> None:
+    def __init__(
+        self, runner: Any, scorer: RiskScorer | None, knowledge_layer: int | None = None
+    ) -> None:
         self.runner = runner
         self.model: Any = runner.get_model()  # vLLM's model: compute_logits, config
         self.scorer = scorer
@@ -110,6 +119,9 @@ class StepCapture(ModelHooks):
                 self._neurons[index] = selected
                 scale.append(layers[index].column_norms[selected].float())
                 hooks.append(Hook(layers[index].module, self._make_layer_hook(index)))
+        if knowledge_layer is not None:
+            block = decoder_block(self.model, knowledge_layer)
+            hooks.append(Hook(block, self._on_knowledge_block))
         self._scale = torch.cat(scale) if scale else torch.zeros(0)
         widths = [len(n) for n in self._neurons.values()]
         self._slot = torch.repeat_interleave(torch.arange(len(widths)), torch.as_tensor(widths))
@@ -198,6 +210,24 @@ class StepCapture(ModelHooks):
             self._seconds += time.perf_counter() - started
 
         return hook
+
+    def _on_knowledge_block(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        layout = self._layout
+        if layout is None or not layout.prompt_rows:
+            return
+        parts = [output] if isinstance(output, torch.Tensor) else list(output)
+        if not 1 <= len(parts) <= 2 or not all(isinstance(p, torch.Tensor) for p in parts):
+            raise CaptureError(
+                f"{type(module).__name__} returned {type(output).__name__}, not the hidden "
+                "state (and residual) the knowledge gate reads"
+            )
+        with torch.no_grad():
+            rows = torch.as_tensor(list(layout.prompt_rows.values()), device=parts[0].device)
+            stream = parts[0].index_select(0, rows).float()
+            for part in parts[1:]:  # the residual, not yet added
+                stream = stream + part.index_select(0, rows).float()
+            for req_id, state in zip(layout.prompt_rows, stream, strict=True):
+                self._record(req_id).prompt_residual = state.clone()
 
     def _on_model_output(  # type: ignore[no-untyped-def]
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any

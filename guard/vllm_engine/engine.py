@@ -36,6 +36,7 @@ from guard.errors import GuardError, InvalidRequestError
 from guard.export import exported_dir, exported_fingerprint
 from guard.fingerprint import ModelFingerprint
 from guard.generation import guard_info, policy_for
+from guard.knowledge import KnowledgeGate
 from guard.loading import model_spec_of, settings_probe, verified_probe
 from guard.metrics import GuardMetrics
 from guard.model import PromptEncoder, end_ids_of, fingerprint_model, prepare_tokenizer
@@ -49,6 +50,7 @@ from guard.scoring import RiskScorer
 from guard.settings import GuardSettings
 from guard.vllm_engine.capture import StepCapture
 from guard.vllm_engine.loop import EngineLoop
+from guard.vllm_engine.requests import PromptGates
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +90,10 @@ def build_llm(directory: Path, settings: GuardSettings, **overrides: Any) -> Any
     return LLMEngine.from_engine_args(EngineArgs(**options))
 
 
-def _install_capture(scorer: RiskScorer | None, worker: Any) -> StepCapture:
-    capture = StepCapture(worker.model_runner, scorer)
+def _install_capture(
+    scorer: RiskScorer | None, knowledge_layer: int | None, worker: Any
+) -> StepCapture:
+    capture = StepCapture(worker.model_runner, scorer, knowledge_layer)
     capture.__enter__()
     return capture
 
@@ -155,26 +159,24 @@ class VLLMEngine:
         self.probe: Probe | None = verified_probe(settings, probe, fingerprint)
         self.prompts = PromptEncoder(self.tokenizer, self.prompt_recipe)
         scorer = RiskScorer(self.probe) if self.probe is not None else None
-        # The knowledge gate is not read inside vLLM yet (docs/ARCHITECTURE.md, "The vLLM
-        # engine"): no prompt_risk, so its thresholds are not in force either.
-        policy = policy_for(self.probe, settings, prompt_risk=False)
-        if self.probe is not None and self.probe.manifest.knowledge is not None:
-            log.warning(
-                "the vLLM engine does not compute the knowledge gate's prompt_risk: answers "
-                "are judged on their own risk only"
-            )
-        self.gate: ScopeGate | None = None
-        if self.probe is not None and settings.scope_gate:
+        policy = policy_for(self.probe, settings)
+        self.gates = PromptGates()
+        if self.probe is not None:
             hidden = int(config.hidden_size)
-            self.gate = ScopeGate.for_hidden_size(self.probe, hidden, settings.scope_threshold)
+            scope = None
+            if settings.scope_gate:
+                scope = ScopeGate.for_hidden_size(self.probe, hidden, settings.scope_threshold)
+            self.gates = PromptGates(scope, KnowledgeGate.from_probe(self.probe, hidden))
         end_ids = frozenset(end_ids_of(generation, self.tokenizer))
         info = guard_info(self.probe, policy)
         self.context = VLLMContext(self.tokenizer, scorer, policy, info, end_ids)
-        self.capture: StepCapture = self.llm.collective_rpc(partial(_install_capture, scorer))[0]
+        knowledge = self.gates.knowledge.layer if self.gates.knowledge is not None else None
+        install = partial(_install_capture, scorer, knowledge)
+        self.capture: StepCapture = self.llm.collective_rpc(install)[0]
         self.llm.collective_rpc(_drop_restored)
         self.metrics = metrics
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=settings.queue_size)
-        self._loop = EngineLoop(self.llm, self.capture, self.context, self.gate, self._queue,
+        self._loop = EngineLoop(self.llm, self.capture, self.context, self.gates, self._queue,
                                 metrics)  # fmt: skip
         self._closed = False
         self._thread: threading.Thread | None = None

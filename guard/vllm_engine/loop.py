@@ -23,9 +23,8 @@ from guard.batching import Ticket
 from guard.errors import CaptureError
 from guard.metrics import GuardMetrics
 from guard.sampling import SamplingParams
-from guard.scope import ScopeGate
 from guard.vllm_engine.capture import StepCapture, StepRecord, Tracked
-from guard.vllm_engine.requests import Generation, Scoring, vllm_params
+from guard.vllm_engine.requests import Generation, PromptGates, Scoring, vllm_params
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +43,14 @@ class EngineLoop:
         llm: Any,
         capture: StepCapture,
         context: Any,
-        gate: ScopeGate | None,
+        gates: PromptGates,
         inbox: queue.Queue[Any],
         metrics: GuardMetrics | None,
     ) -> None:
         self.llm = llm
         self.capture = capture
         self.context = context
-        self.gate = gate
+        self.gates = gates
         self.inbox = inbox
         self.metrics = metrics
         self.stopping = threading.Event()
@@ -164,7 +163,7 @@ class EngineLoop:
             if isinstance(live, Generation):
                 before = len(live.row.tokens)
                 token_ids = list(output.outputs[0].token_ids) if output.outputs else []
-                live.feed(token_ids, record, self.gate)
+                live.feed(token_ids, record, self.gates)
                 scored += len(live.row.tokens) - before
                 if output.finished and not live.row.done:  # vLLM stopped first
                     reason = output.outputs[0].finish_reason if output.outputs else None
@@ -172,13 +171,14 @@ class EngineLoop:
                 if output.finished:
                     self._forget(output.request_id)
             else:
-                live.absorb(record, self.gate)
+                live.absorb(record, self.gates)
                 if output.finished:
                     self._forget(output.request_id)
                     self._settle(live)
         for live in self.live.values():  # measured in a step that gave them no token
             if live.req_id not in fed:
-                live.absorb(records.get(live.req_id), self.gate)
+                live.absorb(records.get(live.req_id), self.gates)
+        self._cancel_finished()  # rows the policy ended (abort, abstention): before any step
         self._observe(scored, time.perf_counter() - started)
 
     def _settle(self, scoring: Scoring) -> None:

@@ -5,7 +5,10 @@ loop, fed the same per-step values ``[sampled id, log-prob, entropy, measure of 
 token...]``, so scoring, events, stop strings, the policy's abort and the result are one
 implementation. vLLM is asked for ``max_tokens + 1`` tokens so that the last response
 token is fed (and measured) once; the row finishes at ``max_tokens`` and the extra sample
-is dropped. A teacher-forced score is one prompt pass over prompt + answer.
+is dropped. A teacher-forced score is one prompt pass over prompt + answer. The step that
+reaches a prompt's last token gives its gates' inputs (`PromptGates`): the scope verdict
+and the knowledge gate's ``prompt_risk``, and with them the policy's one chance to abstain
+before generating (the token vLLM sampled in that step is then never fed).
 """
 
 from __future__ import annotations
@@ -20,10 +23,31 @@ from guard.batching import Ticket
 from guard.decoding import DecodeRow, RowContext, TextTracker
 from guard.errors import CaptureError
 from guard.generation import judge_answer
+from guard.knowledge import KnowledgeGate
 from guard.results import ScopeVerdict, ScoreResult
 from guard.sampling import SamplingParams
 from guard.scope import ScopeGate
 from guard.vllm_engine.capture import StepRecord
+
+
+@dataclass(frozen=True)
+class PromptGates:
+    """The probe's gates on the last prompt token (None: the probe has none, or off)."""
+
+    scope: ScopeGate | None = None
+    knowledge: KnowledgeGate | None = None
+
+    def judge(self, record: StepRecord) -> tuple[ScopeVerdict | None, float | None] | None:
+        """(scope verdict, prompt risk) from the step that reached the prompt's last
+        token; None for any other step."""
+        hidden, residual = record.prompt_hidden, record.prompt_residual
+        if hidden is None and residual is None:
+            return None
+        scope = None if self.scope is None or hidden is None else self.scope.judge(hidden[None])[0]
+        knowledge, risk = self.knowledge, None
+        if knowledge is not None and residual is not None:
+            risk = knowledge.risks(residual[None])[0]
+        return scope, risk
 
 
 def vllm_params(params: SamplingParams, end_ids: frozenset[int], *, forced: bool = False) -> Any:
@@ -60,19 +84,27 @@ class Generation:
         tracker = TextTracker(context.tokenizer, request.params.stop)
         return cls(ticket, DecodeRow(request, context, tracker, None))
 
-    def absorb(self, record: StepRecord | None, gate: ScopeGate | None) -> None:
+    def absorb(self, record: StepRecord | None, gates: PromptGates) -> bool:
         """What a step measured for this request (a step may produce no token for it:
-        a prefill chunk, a recomputation after preemption)."""
+        a prefill chunk, a recomputation after preemption). True: it read the prompt's
+        gates."""
         if record is None:
-            return
-        if record.prompt_hidden is not None and gate is not None:
-            self.row.scope = gate.judge(record.prompt_hidden[None])[0]
+            return False
         self.measured_lag.update(record.measured)
+        verdicts = gates.judge(record)
+        if verdicts is None:
+            return False
+        self.row.scope, self.row.prompt_risk = verdicts
+        return True
 
-    def feed(self, token_ids: list[int], record: StepRecord | None, gate: ScopeGate | None) -> None:
-        """One step's output for this request (usually one new token)."""
+    def feed(self, token_ids: list[int], record: StepRecord | None, gates: PromptGates) -> None:
+        """One step's output for this request (usually one new token). After the prompt
+        pass the policy may abstain on the prompt alone: the row then ends unanswered and
+        the engine aborts its vLLM request."""
         row = self.row
-        self.absorb(record, gate)
+        first = not row.tokens and row.pending is None
+        if self.absorb(record, gates) and first and row.abstains_before():
+            return
         for token_id in token_ids:
             if row.done:
                 return
@@ -98,15 +130,18 @@ class Scoring:
     measured: dict[int, list[float]] = field(default_factory=dict)
     forced: dict[int, tuple[float, float]] = field(default_factory=dict)
     scope: ScopeVerdict | None = None
+    prompt_risk: float | None = None
 
-    def absorb(self, record: StepRecord | None, gate: ScopeGate | None) -> None:
-        """What a step measured: answer rows, predictions, the prompt's last hidden state."""
+    def absorb(self, record: StepRecord | None, gates: PromptGates) -> bool:
+        """What a step measured: answer rows, predictions, the prompt's gates."""
         if record is None:
-            return
+            return False
         self.measured.update(record.measured)
         self.forced.update(record.forced)
-        if record.prompt_hidden is not None and gate is not None:
-            self.scope = gate.judge(record.prompt_hidden[None])[0]
+        verdicts = gates.judge(record)
+        if verdicts is not None:
+            self.scope, self.prompt_risk = verdicts
+        return verdicts is not None
 
     def result(self, context: RowContext) -> ScoreResult:
         """The verdict, through the same `judge_answer` as the transformers engine."""
@@ -121,4 +156,4 @@ class Scoring:
         measured = np.asarray([self.measured[i] for i in range(n)], dtype=np.float64)
         stats = np.asarray([self.forced[i] for i in range(n)], dtype=np.float64)
         return judge_answer(context, self.response_ids, (measured, stats[:, 0], stats[:, 1]),
-                            self.scope)  # fmt: skip
+                            self.scope, self.prompt_risk)  # fmt: skip

@@ -14,6 +14,8 @@ only up to it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,6 +84,9 @@ def _assert_same_verdict(ours: object, theirs: object) -> None:
     assert (mine is None) == (other is None)
     if mine is not None:
         assert mine.in_scope == other.in_scope and abs(mine.score - other.score) < TOL
+    # the shipped probe's knowledge gate: read inside vLLM's forward too
+    assert ours.prompt_risk is not None and theirs.prompt_risk is not None  # type: ignore[attr-defined]
+    assert ours.prompt_risk == pytest.approx(theirs.prompt_risk, abs=TOL)  # type: ignore[attr-defined]
 
 
 def test_teacher_forced_risks_match_per_token(engines: tuple[object, GuardedModel]) -> None:
@@ -148,6 +153,49 @@ def test_cancelling_a_stream_aborts_its_vllm_request(engines: tuple[object, Guar
 
     result = asyncio.run(cancel_after_two())
     assert result.finish_reason == "cancelled" and 2 <= len(result.tokens) < 32
+    assert engine.llm.get_num_unfinished_requests() == 0  # type: ignore[attr-defined]
+
+
+# made-up entities the shipped gate puts far above its abstain line, asked as a plain user
+# message (held-out set 3, already read)
+MADE_UP = [
+    "What is the chemical formula of the mineral valtrossite?",
+    "Which gene is mutated in Lindqvist-Varma syndrome?",
+    "What condition is the drug zelvoprantine prescribed for?",
+]
+
+
+def test_the_knowledge_gate_abstains_before_generating(
+    engines: tuple[object, GuardedModel],
+) -> None:
+    """With the gate acting, a prompt whose risk reaches the prompt abstain line is not
+    answered: no token, ``before_generation``, its vLLM request aborted; the prompt risk is
+    the transformers engine's."""
+    from guard.generation import policy_for
+
+    engine, reference = engines
+    prompts = [reference.encode_chat([{"role": "user", "content": q}]) for q in MADE_UP]
+    known = [reference.generate(p, SamplingParams(max_tokens=1, temperature=0.0)) for p in prompts]
+    policy = policy_for(reference.probe, GuardSettings(knowledge_gate=True))
+    assert policy.prompt_abstain is not None
+    unknown = [(p, r) for p, r in zip(prompts, known, strict=True)
+               if r.prompt_risk is not None and r.prompt_risk >= policy.prompt_abstain]  # fmt: skip
+    assert unknown, (
+        f"no made-up prompt reaches {policy.prompt_abstain}: {[r.prompt_risk for r in known]}"
+    )
+    loop = engine._loop  # type: ignore[attr-defined]
+    reporting = loop.context
+    loop.context = dataclasses.replace(reporting, policy=policy)  # new requests: acting
+    try:
+        ours = asyncio.run(_generate(engine, [p for p, _ in unknown], 16))
+    finally:
+        loop.context = reporting
+    for mine, (_, theirs) in zip(ours, unknown, strict=True):
+        assert mine.before_generation and mine.tokens == [] and mine.decision.value == "abstain"
+        assert mine.prompt_risk == pytest.approx(theirs.prompt_risk, abs=TOL)
+    deadline = time.monotonic() + 10  # aborted by the engine thread right after that step
+    while engine.llm.get_num_unfinished_requests() and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.05)
     assert engine.llm.get_num_unfinished_requests() == 0  # type: ignore[attr-defined]
 
 
