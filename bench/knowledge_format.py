@@ -1,6 +1,8 @@
 """Does the knowledge gate's verdict survive how a prompt is worded around the question?
 
     python bench/knowledge_format.py [--out bench/results/knowledge_format.json]
+    python bench/knowledge_format.py --probe DIR --set set4=bench/data/madeup_heldout4.jsonl \\
+        --out bench/results/knowledge_format_set4_v3.json
 
 The gate (`guard.knowledge`) was fitted with every made-up prompt asked as users type it
 (no instruction), while the TriviaQA and NQ questions it learned as real came with the
@@ -14,10 +16,11 @@ prompt in four renderings through the model's chat template:
   long-form one ("Answer in two or three sentences."), appended as the recipe does;
 - ``system``: a generic system message before the plain prompt.
 
-Reported per set, kind and rendering: the share at or above the shipped gate's
-``prompt_flag`` and ``prompt_abstain`` lines and the median ``prompt_risk``. Nothing here
-is fitted or tuned: the three sets were all read before (README, "Long answers and made-up
-entities"), so this is a diagnostic of the shipped gate, not a held-out measurement.
+Reported per set, kind and rendering: the share at or above the probe's ``prompt_flag``
+and ``prompt_abstain`` lines (``--probe``, default the shipped one) and the median
+``prompt_risk``. Nothing here is fitted or tuned. On the three default sets, all read
+before (README, "Long answers and made-up entities"), it is a diagnostic; ``--set`` measures
+others (set 4, for the v3 gate's ship rule: `bench/results/knowledge_frozen_v3.json`).
 """
 
 from __future__ import annotations
@@ -38,20 +41,6 @@ SETS = {
     "set2": ROOT / "bench" / "data" / "madeup_heldout2.jsonl",
     "set3": ROOT / "bench" / "data" / "madeup_heldout3.jsonl",
 }
-SYSTEM = "You are a helpful assistant."
-
-
-def renderings(prompt: str) -> dict[str, list[dict[str, str]]]:
-    """The four ways of asking one prompt (module docstring)."""
-    from guard.probe import PromptRecipe
-    from probes.longform import LONG_RECIPE
-
-    return {
-        "plain": [{"role": "user", "content": prompt}],
-        "short_instruction": PromptRecipe().messages(prompt),
-        "long_instruction": LONG_RECIPE.messages(prompt),
-        "system": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
-    }
 
 
 def summary(risks: np.ndarray, flag: float, abstain: float) -> dict[str, Any]:
@@ -66,28 +55,35 @@ def summary(risks: np.ndarray, flag: float, abstain: float) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/knowledge_format.json")
+    parser.add_argument("--probe", default="default", help="shipped probe name or directory")
+    parser.add_argument(
+        "--set", dest="sets", action="append", metavar="NAME=PATH",
+        help="a set of held-out prompts (default: the three read ones)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    sets = dict(s.split("=", 1) for s in args.sets) if args.sets else SETS
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     from guard.knowledge import KnowledgeGate
     from guard.model import encode_chats, load_model
     from guard.probe import load_probe
-    from probes.knowledge import residual_states
+    from probes.knowledge import RENDERINGS, SYSTEM_MESSAGE, render, residual_states
 
     started = time.time()
-    probe = load_probe("default")
+    probe = load_probe(args.probe)
     loaded = load_model()  # the embedded SmolLM2, the shipped probe's model
     gate = KnowledgeGate.from_probe(probe, int(loaded.model.config.hidden_size))
     recipe = probe.manifest.knowledge
     if gate is None or recipe is None:
         raise SystemExit("the shipped probe has no knowledge gate")
     results: dict[str, Any] = {}
-    for name, path in SETS.items():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for name, path in sets.items():
+        text = Path(path).read_text(encoding="utf-8")
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         per_kind: dict[str, dict[str, Any]] = {}
-        for style in ("plain", "short_instruction", "long_instruction", "system"):
-            conversations = [renderings(row["prompt"])[style] for row in rows]
+        for style in RENDERINGS:
+            conversations = [render(row["prompt"], style) for row in rows]
             ids = encode_chats(loaded.tokenizer, conversations, None)[0]
             states = residual_states(loaded, ids, gate.layer)
             risks = np.asarray(gate.risks(torch.from_numpy(states)))
@@ -103,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "probe_sha256": probe.manifest_sha256,
         "prompt_flag": recipe.flag,
         "prompt_abstain": recipe.abstain,
-        "system_message": SYSTEM,
+        "system_message": SYSTEM_MESSAGE,
         "sets": results,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "machine": f"{os.cpu_count()} CPU cores",
@@ -111,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(results["set3"], indent=1))
+    print(json.dumps(results, indent=1))
     return 0
 
 

@@ -3,6 +3,7 @@
     python bench/longform.py --stage collect            # the answers this reads, first
     python bench/knowledge_gate.py --work work-longform [--also DIR ...] \\
         [--attach guard/default_probe --scope-gate work-longform/scope_retrained.npz]
+    python bench/knowledge_gate.py --work work-v3 --reworded --out .../knowledge_gate_v3.json
 
 The design was chosen on validation data only and frozen before the second held-out set
 was read (`bench/results/knowledge_frozen.json`): the residual stream after decoder layer
@@ -22,6 +23,10 @@ adds real examples (`knowledge_frozen_v2.json`, frozen before the third held-out
   ``<set>.answers.jsonl`` of ``--work`` and ``--also`` (for `bench/longform_analysis.py`).
 - ``--attach``: rewrites that probe directory with the gate (and ``--scope-gate``'s
   retrained scope gate) and prints the manifest sha256 to pin in `guard.shipped`.
+
+- ``--reworded`` (v3, `knowledge_frozen_v3.json`; not shipped: `knowledge_v3_decision.json`):
+  the made-up and the real prompts also in the other wordings of `probes.knowledge.render`
+  (instructions appended, a system message), fitted and checked alike.
 
 Writes the gate's recipe and evaluation to ``--out`` (default
 ``bench/results/knowledge_gate.json``).
@@ -45,6 +50,11 @@ LAYER, C = 15, 0.1  # frozen: bench/results/knowledge_frozen.json
 REAL_TRAIN_NAMES, REAL_VAL_NAMES = 1200, 300
 TYPED_TRAIN = 3000  # TriviaQA train questions as users type them (real, label 0)
 FIT_SETS = ("madeup_train_short", "madeup_train_long", "tqa_short_train", "tqa_long_train")
+# v3: the made-up and the real prompts also in these wordings (`probes.knowledge.render`);
+# every REWORD_EVERY-th real training prompt per wording (TriviaQA questions come with
+# the instructions already: only the system message is added to the typed ones)
+REWORDED = ("short_instruction", "long_instruction", "system")
+REWORD_EVERY = 4
 log = logging.getLogger("knowledge_gate")
 
 
@@ -71,17 +81,24 @@ def _names(split: str, n: int) -> list[tuple[str, str]]:
     return out[:n]
 
 
-def build_prompts(work: Path, tokenizer: Any) -> dict[str, tuple[list[list[int]], np.ndarray]]:
-    """Every fit and validation group: token-id prompts and, per prompt, 1 = made up."""
+def build_prompts(
+    work: Path, tokenizer: Any, *, reworded: bool = False
+) -> dict[str, tuple[list[list[int]], np.ndarray]]:
+    """Every fit and validation group: token-id prompts and, per prompt, 1 = made up;
+    ``reworded`` (v3): also in the `REWORDED` wordings."""
     from guard.model import encode_chats
     from guard.probe import PromptRecipe
     from probes.datasets import load_questions, split_of
+    from probes.knowledge import render
     from probes.longform_data import TRIVIAQA, real_entity
     from probes.madeup_templates import generic_long_requests
     from probes.scope import OPEN_PROMPTS, load_open_prompts, open_variants, question_variants
 
     def encoded(conversations: list[list[dict[str, str]]]) -> list[list[int]]:
         return encode_chats(tokenizer, conversations, None)[0] if conversations else []
+
+    def asked(prompts: list[str], style: str, label: int) -> tuple[list[list[int]], Any]:
+        return encoded([render(p, style) for p in prompts]), np.full(len(prompts), label)
 
     groups: dict[str, tuple[list[list[int]], np.ndarray]] = {}
     for name in (*FIT_SETS, "madeup_val_short", "madeup_val_long"):
@@ -107,13 +124,28 @@ def build_prompts(work: Path, tokenizer: Any) -> dict[str, tuple[list[list[int]]
             known += [[{"role": "user", "content": q}] for q in generic_long_requests(entity)[::3]]
     groups["known_train"] = (encoded(known), np.zeros(len(known)))
     rng = random.Random(5)
+    real: dict[str, list[str]] = {}
     for split, n, per in (("train", REAL_TRAIN_NAMES, 2), ("val", REAL_VAL_NAMES, 1)):
-        requests = [
-            [{"role": "user", "content": q}]
-            for _, name in _names(split, n)
-            for q in rng.sample(generic_long_requests(name), per)
+        real[split] = [
+            q for _, name in _names(split, n) for q in rng.sample(generic_long_requests(name), per)
         ]
-        groups[f"real_{split}"] = (encoded(requests), np.zeros(len(requests)))
+        groups[f"real_{split}"] = asked(real[split], "plain", 0)
+    if not reworded:
+        return groups
+    # The same prompts in the other wordings (v3): made-up ones, real entity requests and
+    # typed TriviaQA questions alike, so that no wording carries the label.
+    made_up = {
+        split: [r.question for form in ("short", "long")
+                for r in _answers(work, f"madeup_{split}_{form}").values()]
+        for split in ("train", "val")
+    }  # fmt: skip
+    for style in REWORDED:
+        for split in ("train", "val"):
+            groups[f"madeup_{split}_{style}"] = asked(made_up[split], style, 1)
+        groups[f"real_train_{style}"] = asked(real["train"][::REWORD_EVERY], style, 0)
+        groups[f"real_val_{style}"] = asked(real["val"], style, 0)
+    typed_system = train_questions[:TYPED_TRAIN][::REWORD_EVERY]
+    groups["typed_train_system"] = asked(typed_system, "system", 0)
     return groups
 
 
@@ -126,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scope-gate", type=Path, help="scope_retrained.npz to attach too")
     parser.add_argument("--scope-report", type=Path, help="its scope_retrained.json")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--reworded", action="store_true",
+        help="v3: fit and check in every wording (the shipped gate is v2: without it)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -136,9 +172,14 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     loaded = load_model()
-    groups = build_prompts(args.work, loaded.tokenizer)
+    groups = build_prompts(args.work, loaded.tokenizer, reworded=args.reworded)
     states = cached_states(loaded, groups, args.work / f"knowledge_states_L{LAYER}.npz")
+    wordings = REWORDED if args.reworded else ()
     fit = [*FIT_SETS, "typed_train", "open_train", "known_train", "real_train"]
+    fit += [f"{kind}_train_{style}" for kind in ("madeup", "real") for style in wordings]
+    fit += ["typed_train_system"] if args.reworded else []
+    real_val = {"real_entity_requests_val": "real_val"}
+    real_val.update({f"real_entity_requests_val_{s}": f"real_val_{s}" for s in wordings})
     recipe, weights = fit_knowledge_gate(
         np.concatenate([states[n] for n in fit]),
         np.concatenate([groups[n][1] for n in fit]),
@@ -148,25 +189,28 @@ def main(argv: list[str] | None = None) -> int:
             "correct_short_val": (states["correct_short_val"], 0.08),
             "correct_long_val": (states["correct_long_val"], 0.08),
             "correct_typed_val": (states["typed_val"], 0.08),
-            "real_entity_requests_val": (states["real_val"], 0.10),
+            **{check: (states[group], 0.10) for check, group in real_val.items()},
         },
         abstain_checks={
             "correct_short_val": (states["correct_short_val"], 0.04),
             "correct_long_val": (states["correct_long_val"], 0.04),
             "correct_typed_val": (states["typed_val"], 0.04),
-            "real_entity_requests_val": (states["real_val"], 0.05),
+            **{check: (states[group], 0.05) for check, group in real_val.items()},
         },
         training={
             "feature": f"residual stream after decoder layer {LAYER} at the last prompt token",
             "groups": {n: int(len(groups[n][1])) for n in fit},
-            "frozen": "bench/results/knowledge_frozen.json",
+            "wordings": "made-up and real prompts each as typed, with the short and the "
+            "long-form instruction, and after a system message (probes.knowledge.render)"
+            if args.reworded
+            else "made-up prompts as typed (v2)",
+            "frozen": f"bench/results/knowledge_frozen_v{3 if args.reworded else 2}.json",
         },
     )
     z = {n: states[n].astype(np.float64) @ weights.weights + weights.bias for n in states}
     flag_logit = float(np.log(recipe.flag / (1 - recipe.flag)))
-    made_up_val = {
-        n: float(np.mean(z[n] >= flag_logit)) for n in ("madeup_val_short", "madeup_val_long")
-    }
+    val_sets = ["madeup_val_short", "madeup_val_long", *(f"madeup_val_{s}" for s in wordings)]
+    made_up_val = {n: float(np.mean(z[n] >= flag_logit)) for n in val_sets}
     report = {"recipe": recipe.model_dump(mode="json"), "made_up_val_flagged": made_up_val}
     log.info("gate: flag %.4f abstain %.4f, %s", recipe.flag, recipe.abstain, made_up_val)
     score_dirs(loaded, weights, [args.work, *args.also])

@@ -19,6 +19,8 @@ one dot product per request: the prefill computes that state anyway. Trained off
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -42,12 +44,13 @@ def decoder_block(model: nn.Module, layer: int) -> nn.Module:
 
 class ResidualCapture(PositionCapture):
     """Record the residual stream after one decoder block in forward passes; `take` one
-    position per row (default: the last)."""
+    position per row (default: the last). ``block``: that layer's `decoder_block`, when the
+    caller has it already."""
 
     _missing = "no forward pass reached the knowledge gate's layer"
 
-    def __init__(self, model: nn.Module, layer: int) -> None:
-        block = decoder_block(model, layer)
+    def __init__(self, model: nn.Module, layer: int, *, block: nn.Module | None = None) -> None:
+        block = decoder_block(model, layer) if block is None else block
         super().__init__(model, "residual stream", [Hook(block, self._record)])
 
     def _record(self, module: nn.Module, args: tuple[torch.Tensor, ...], output: object) -> None:
@@ -64,6 +67,8 @@ class KnowledgeGate:
         self.weights = weights.float()
         self.bias = float(bias)
         self.layer = int(layer)
+        # each model's block, found once (every prompt pass captures)
+        self._blocks: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 
     @classmethod
     def from_probe(cls, probe: Probe, hidden_size: int) -> KnowledgeGate | None:
@@ -75,7 +80,10 @@ class KnowledgeGate:
         return cls(torch.as_tensor(weights.weights), weights.bias, recipe.layer)
 
     def capture(self, model: nn.Module) -> ResidualCapture:
-        return ResidualCapture(model, self.layer)
+        block = self._blocks.get(model)
+        if block is None:
+            block = self._blocks[model] = decoder_block(model, self.layer)
+        return ResidualCapture(model, self.layer, block=block)
 
     def risks(self, hidden: torch.Tensor) -> list[float]:
         """``prompt_risk`` per row of ``hidden`` ``[batch, hidden]``."""

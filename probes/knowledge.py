@@ -42,6 +42,28 @@ from probes.scope import fit_raw_logistic
 # A check on a threshold: logits of prompts of one kind and the most of them it may flag.
 Check = tuple[np.ndarray, float]
 
+SYSTEM_MESSAGE = "You are a helpful assistant."
+RENDERINGS = ("plain", "short_instruction", "long_instruction", "system")
+
+
+def render(prompt: str, style: str) -> list[dict[str, str]]:
+    """One prompt as chat messages, worded one of `RENDERINGS` ways: as typed (one user
+    message); with the shipped recipe's instruction appended ("Answer in a few words.") or
+    the long-form one ("Answer in two or three sentences."); after a generic system message.
+    The gate must not learn the wording: its fit and its measurements use all four."""
+    from guard.probe import PromptRecipe
+    from probes.longform import LONG_RECIPE
+
+    if style == "plain":
+        return [{"role": "user", "content": prompt}]
+    if style == "short_instruction":
+        return PromptRecipe().messages(prompt)
+    if style == "long_instruction":
+        return LONG_RECIPE.messages(prompt)
+    if style == "system":
+        return [{"role": "system", "content": SYSTEM_MESSAGE}, {"role": "user", "content": prompt}]
+    raise ValueError(f"unknown rendering {style!r}: one of {', '.join(RENDERINGS)}")
+
 
 @dataclass(frozen=True)
 class KnowledgeFit:

@@ -180,3 +180,19 @@ def test_fit_puts_its_lines_where_the_checks_allow() -> None:
     assert line_for([(np.arange(10.0), 0.2)]) == pytest.approx(7.5)
     assert line_for([(np.arange(10.0), 0.0)]) == pytest.approx(10.0)
     assert line_for([(np.array([1.0, 2.0, 2.0, 2.0, 3.0]), 0.5)]) == pytest.approx(2.5)
+
+
+def test_the_wordings_differ_only_around_the_prompt() -> None:
+    """`render`'s four wordings keep the prompt as typed; an unknown one is refused."""
+    from probes.knowledge import RENDERINGS, SYSTEM_MESSAGE, render
+
+    prompt = "Who founded the city of Quessaria?"
+    asked = {style: render(prompt, style) for style in RENDERINGS}
+    assert asked["plain"] == [{"role": "user", "content": prompt}]
+    assert asked["system"] == [{"role": "system", "content": SYSTEM_MESSAGE}, *asked["plain"]]
+    for style in ("short_instruction", "long_instruction"):
+        user = asked[style][-1]["content"]
+        assert user.startswith(prompt) and len(user) > len(prompt)
+    assert asked["short_instruction"] != asked["long_instruction"]
+    with pytest.raises(ValueError, match="unknown rendering"):
+        render(prompt, "shouted")
