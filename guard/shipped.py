@@ -47,7 +47,7 @@ _SMOLLM2 = ShippedProbe(
 _GEMMA3 = ShippedProbe(
     name="gemma3-270m-triviaqa",
     directory=PACKAGE_DIR / "shipped_probes" / "gemma3-270m-triviaqa",
-    sha256="",  # set when the artifact is shipped
+    sha256="40c601b53f81c542a19275849fd62b19d94d5aacfedcd71e12df63525154b10b",
 )
 SHIPPED_PROBES: dict[str, ShippedProbe] = {
     DEFAULT_PROBE_NAME: _SMOLLM2,

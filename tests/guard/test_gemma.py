@@ -87,16 +87,18 @@ def _guarded_answer(guarded: GuardedModel) -> GenerationResult:
 
 def test_one_guarded_answer(gemma: LoadedModel, tmp_path: Path) -> None:
     """The few-shot recipe, the stop string and the scorer on real weights (a test probe
-    on the model's own fingerprint: the shipped one is checked below once it ships)."""
+    on the model's own fingerprint; the shipped probe is checked below)."""
     probe_dir = write_probe(tmp_path / "probe", gemma, prompt=FEW_SHOT_RECIPE, scope_bias=50.0)
     result = _guarded_answer(GuardedModel(gemma, load_probe(probe_dir)))
     assert len(result.tokens) >= 2  # the answer and the token that completes the stop
 
 
-def test_no_shipped_probe_judges_gemma_yet(gemma: LoadedModel) -> None:
-    """Until its probe ships, the probe `serve --model gemma3-270m` falls back to (the
-    SmolLM2 one) refuses the Gemma weights: nothing is served guarded by a wrong probe."""
-    assert not SHIPPED_PROBES["gemma3-270m-triviaqa"].sha256
-    fallback = load_probe(probe_for_model(GEMMA3_SPEC))
+def test_the_shipped_probe_judges_gemma(gemma: LoadedModel) -> None:
+    """The probe `serve --model gemma3-270m` picks is Gemma's own: it verifies these
+    weights and judges an answer; SmolLM2's (`default`) still refuses them."""
+    shipped = load_probe(probe_for_model(GEMMA3_SPEC))
+    assert shipped.manifest_sha256 == SHIPPED_PROBES["gemma3-270m-triviaqa"].sha256
+    shipped.verify_model(gemma.fingerprint)
+    _guarded_answer(GuardedModel(gemma, shipped))
     with pytest.raises(ProbeModelMismatchError):
-        fallback.verify_model(gemma.fingerprint)
+        load_probe("default").verify_model(gemma.fingerprint)

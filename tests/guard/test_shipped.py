@@ -48,16 +48,17 @@ def test_a_model_picks_its_probe_and_default_stays_smollm2() -> None:
     assert shipped_probe(args.probe) is SHIPPED_PROBES["gemma3-270m-triviaqa"]
 
 
-def test_gemma_has_no_shipped_probe_yet() -> None:
-    """Registered, not built: Gemma falls back to `default` (whose fingerprint check then
-    refuses it, `tests/guard/test_gemma.py`) and the name is refused. Shipping the probe
-    (its sha256 in guard/shipped.py) must replace this test by one that Gemma gets it."""
-    assert not GEMMA_PROBE.sha256
-    assert probe_for_model(GEMMA3_SPEC) == "default"
+def test_gemma_gets_its_shipped_probe() -> None:
+    """`serve --model gemma3-270m` picks the Gemma probe (its manifest names the spec), the
+    name loads it, and `default` stays SmolLM2's."""
+    assert GEMMA_PROBE.sha256 and GEMMA_PROBE.model_spec() == GEMMA3_SPEC
+    assert probe_for_model(GEMMA3_SPEC) == GEMMA_PROBE.name
     args = build_parser().parse_args(["serve", "--model", GEMMA3_SPEC])
-    assert probe_spec(GuardSettings(**_model_and_probe(args))) == "default"
-    with pytest.raises(ProbeError, match="not shipped yet|manifest.json is missing"):
-        load_probe(GEMMA_PROBE.name)
+    assert probe_spec(GuardSettings(**_model_and_probe(args))) == GEMMA_PROBE.name
+    probe = load_probe(GEMMA_PROBE.name)
+    assert probe.manifest_sha256 == GEMMA_PROBE.sha256
+    assert probe.manifest.prompt.style == "completion"
+    assert load_probe("default").manifest_sha256 == DEFAULT_PROBE_SHA256
 
 
 def test_an_edited_shipped_manifest_is_refused(
