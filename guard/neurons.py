@@ -122,6 +122,21 @@ class _LayerBuffer:
     last: tuple[torch.Tensor, torch.Tensor] | None = None  # (z [batch, k], h [batch, D])
 
 
+class _PassShape:
+    """A forward pre-hook on the model that remembers the ``(batch, tokens)`` of each pass."""
+
+    value: tuple[int, int] | None = None
+
+    def __call__(
+        self, module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if isinstance(ids, torch.Tensor):
+            self.value = (int(ids.shape[0]), int(ids.shape[1]))
+
+
 class NeuronCapture(ModelHooks):
     """Record CETT of chosen MLP neurons during forward passes; hooks live only inside ``with``.
 
@@ -158,6 +173,11 @@ class NeuronCapture(ModelHooks):
         # Resolve and validate everything before registering a single hook.
         self._layers: dict[int, MLPLayer] = {}
         self._buffers: dict[int, _LayerBuffer] = {}
+        # The hooks hold the buffers and the pass shape, never the capture itself: a
+        # capture that refers to itself through its hooks would be a reference cycle, and
+        # its buffers (every neuron of a batch: hundreds of MB offline) would wait for the
+        # cyclic garbage collector instead of going with the last reference.
+        self._batch_shape = _PassShape()
         for index in wanted:
             if index not in by_index:
                 raise CaptureError(
@@ -180,13 +200,12 @@ class NeuronCapture(ModelHooks):
             self._buffers[index] = _LayerBuffer(selected, norms.to(dtype))
         # OPT flattens tokens to [batch * tokens, ...] inside its MLP: a pre-hook on the
         # model remembers the batch shape of each pass to restore it.
-        hooks = [Hook(model, self._record_shape, pre=True, with_kwargs=True)]
+        hooks = [Hook(model, self._batch_shape, pre=True, with_kwargs=True)]
         hooks += [
             Hook(layer.module, self._make_hook(self._buffers[i]))
             for i, layer in self._layers.items()
         ]
         super().__init__(model, "neuron", hooks)
-        self._batch_shape: tuple[int, int] | None = None
         # Last-position mode: every selected neuron's column norm, and its layer's slot.
         buffers = list(self._buffers.values())
         self._scale_all = torch.cat([b.scale for b in buffers]) if buffers else torch.zeros(0)
@@ -199,23 +218,14 @@ class NeuronCapture(ModelHooks):
         """The captured layers, ascending."""
         return list(self._buffers)
 
-    def _record_shape(
-        self, module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
-    ) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        if isinstance(ids, torch.Tensor):
-            self._batch_shape = (int(ids.shape[0]), int(ids.shape[1]))
-
     def _make_hook(self, buffer: _LayerBuffer):  # type: ignore[no-untyped-def]
-        dtype, last_position = self._dtype, self._last_position
+        dtype, last_position, shape = self._dtype, self._last_position, self._batch_shape
 
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             z, h = inputs[0], output
-            if z.dim() == 2 and self._batch_shape is not None:
-                z = z.reshape(*self._batch_shape, z.shape[-1])
-                h = h.reshape(*self._batch_shape, h.shape[-1])
+            if z.dim() == 2 and shape.value is not None:
+                z = z.reshape(*shape.value, z.shape[-1])
+                h = h.reshape(*shape.value, h.shape[-1])
             if last_position:
                 z_last = z[:, -1]
                 if buffer.neurons is not None:

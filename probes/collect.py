@@ -1,8 +1,8 @@
 """Answer collection: greedy (and optionally sampled) answers to QA items, judged, resumable.
 
-Questions are put to the model with a `PromptRecipe` (chat template or few-shot completion,
-left padding; answers end as the decode loop ends them: `guard.sampling.response_tokens`),
-in batches sorted by prompt length. Every finished question is appended to a JSONL file
+Questions are put to the model with a `PromptRecipe` (chat template or few-shot completion)
+and answered by the serving decode loop, unguarded, as one running batch that new prompts
+join as answers finish (shortest prompts first). Every finished question is appended to a JSONL file
 at once, so a killed run resumes where it stopped; a sidecar ``<out>.meta.json`` records
 the recipe and model so that a resumed run cannot silently mix two set-ups.
 
@@ -16,19 +16,22 @@ import hashlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from guard.decoding import GenerationRequest
 from guard.errors import GuardError
-from guard.model import LoadedModel, encode_chats, end_token_ids, left_pad, pad_token_id
+from guard.generation import CollectingSink, GuardedModel
+from guard.model import LoadedModel, encode_chats
 from guard.probe import PromptRecipe
-from guard.sampling import cut_at_stop, response_tokens
+from guard.sampling import SamplingParams, cut_at_stop
 from probes.datasets import QAItem, Split, split_of
 from probes.judge import answer_token_span, judge
 
@@ -180,77 +183,63 @@ def _generate(
     temperature: float,
     seed: int,
 ) -> Iterator[AnswerRecord]:
-    """Records for ``items`` in order of prompt length, one batch at a time."""
+    """Records for ``items`` as they finish, decoded by the serving loop.
+
+    Every item's greedy answer and samples are rows of one running batch
+    (`guard.livebatch.LiveBatch`, unguarded): at most ``batch_size`` rows, prompts queued
+    shortest first, and a finished row's place goes to the next prompt at the next step,
+    so a batch never waits for its longest answer. Answers are the ones the server gives
+    (same decode loop, same end tokens and stop strings); a sample's seed depends on its
+    item's prompt only, so it does not change with batching or resuming.
+    """
     tokenizer = loaded.tokenizer
     conversations = [recipe.messages(item.question) for item in items]
     prompts, _, _ = encode_chats(tokenizer, conversations, recipe)
     order = sorted(range(len(items)), key=lambda i: (len(prompts[i]), i))
-    stops = end_token_ids(loaded.model, tokenizer)
-    generated = 0
-    started = time.perf_counter()
+    greedy = SamplingParams(max_tokens=recipe.max_new_tokens, temperature=0.0, stop=recipe.stop)
+    queue: deque[tuple[int, SamplingParams]] = deque()
+    for i in order:
+        queue.append((i, greedy))
+        for s in range(samples):
+            queue.append(
+                (i, replace(greedy, temperature=temperature, seed=_seed(seed, s, prompts[i])))
+            )
+    batch = GuardedModel(loaded, None).live_batch(prefill_tokens=None)
+    sinks: dict[int, list[CollectingSink]] = {}
+    generated, started = 0, time.perf_counter()
     with tqdm(total=len(items), desc="collect", unit="q") as progress:
-        for first in range(0, len(order), batch_size):
-            rows = order[first : first + batch_size]
-            batch = [prompts[i] for i in rows]
-            greedy = _batch_generate(loaded, batch, stops, recipe, None)
-            sampled = [
-                _batch_generate(loaded, batch, stops, recipe, (temperature, _seed(seed, s, batch)))
-                for s in range(samples)
-            ]
-            for j, i in enumerate(rows):
-                yield _record(
-                    loaded, recipe, items[i], prompts[i], greedy[j], [s[j] for s in sampled]
-                )
-            generated += sum(len(ids) + stop for ids, stop in greedy)
-            generated += sum(len(ids) + stop for s in sampled for ids, stop in s)
-            progress.update(len(rows))
+        while queue or batch:
+            while queue and len(batch) < batch_size:
+                i, params = queue.popleft()
+                sink = CollectingSink()
+                sinks.setdefault(i, []).append(sink)
+                batch.add([GenerationRequest(prompts[i], params, sink)])
+            batch.step()
+            for i in [i for i, rows in sinks.items() if len(rows) > samples and _all_done(rows)]:
+                results = [_answer(sink) for sink in sinks.pop(i)]
+                yield _record(loaded, recipe, items[i], prompts[i], results[0], results[1:])
+                generated += sum(len(ids) + stop for ids, stop in results)
+                progress.update(1)
             progress.set_postfix(tok_s=f"{generated / (time.perf_counter() - started):.0f}")
 
 
-def _seed(seed: int, sample: int, batch: list[list[int]]) -> int:
-    """A seed for one sampled pass of one batch, fixed by the batch's prompts."""
-    digest = hashlib.sha256(repr((seed, sample, batch)).encode()).digest()
+def _all_done(sinks: list[CollectingSink]) -> bool:
+    return all(sink.result is not None for sink in sinks)
+
+
+def _answer(sink: CollectingSink) -> tuple[list[int], bool]:
+    """``(response ids, whether the answer stopped)``: an end token or a stop string, not
+    the length limit (`guard.sampling.response_tokens` on the same rules)."""
+    result = sink.result
+    if result is None:
+        raise RuntimeError("a collected answer ended without a result")
+    return result.token_ids, result.finish_reason == "stop"
+
+
+def _seed(seed: int, sample: int, prompt: list[int]) -> int:
+    """The seed of one sample of one prompt."""
+    digest = hashlib.sha256(repr((seed, sample, prompt)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def _batch_generate(
-    loaded: LoadedModel,
-    prompts: list[list[int]],
-    stops: set[int],
-    recipe: PromptRecipe,
-    sampling: tuple[float, int] | None,
-) -> list[tuple[list[int], bool]]:
-    """``(response ids, whether the answer stopped)`` per prompt (`response_tokens`).
-
-    ``sampling`` = ``(temperature, seed)`` samples from the full distribution (no top-k or
-    top-p); None is greedy.
-    """
-    model, tokenizer = loaded.model, loaded.tokenizer
-    pad_id = pad_token_id(tokenizer)
-    input_ids, attention_mask = left_pad(prompts, pad_id)
-    device = model.device
-    options: dict[str, Any] = {
-        "do_sample": False,
-        "temperature": None,
-        "top_p": None,
-        "top_k": None,
-    }
-    if sampling is not None:
-        options = {"do_sample": True, "temperature": sampling[0], "top_p": 1.0, "top_k": 0}
-    with torch.inference_mode(), torch.random.fork_rng(devices=[]):
-        if sampling is not None:
-            torch.manual_seed(sampling[1])
-        output = model.generate(  # type: ignore[operator]
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            max_new_tokens=recipe.max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=sorted(stops),
-            **options,
-            **({"stop_strings": list(recipe.stop), "tokenizer": tokenizer} if recipe.stop else {}),
-        )
-    rows = output[:, input_ids.shape[1] :].tolist()
-    return [response_tokens(tokenizer, row, stops, recipe.stop) for row in rows]
 
 
 def _record(

@@ -153,14 +153,22 @@ def labels_of(store: FeatureSource, rows: np.ndarray) -> np.ndarray:
     return np.asarray(store.meta["label"])[rows].astype(np.int64)
 
 
-def t_statistics(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Welch t-statistic of every column between label 1 and label 0 rows: ``[d]``."""
-    pos, neg = x[y == 1], x[y == 0]
-    mean_diff = pos.mean(axis=0, dtype=np.float64) - neg.mean(axis=0, dtype=np.float64)
-    var = pos.var(axis=0, dtype=np.float64) / max(len(pos), 1) + neg.var(
-        axis=0, dtype=np.float64
-    ) / max(len(neg), 1)
-    return np.asarray(mean_diff / np.sqrt(var + 1e-24))
+def t_statistics(x: np.ndarray, y: np.ndarray, block: int = 4096) -> np.ndarray:
+    """Welch t-statistic of every column between label 1 and label 0 rows: ``[d]``.
+
+    Computed ``block`` columns at a time: the float64 temporaries of a whole-width
+    variance (tens of thousands of neurons x thousands of answers) would cost GBs."""
+    pos_rows, neg_rows = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    out = np.empty(x.shape[1], dtype=np.float64)
+    for start in range(0, x.shape[1], block):
+        pos = x[pos_rows, start : start + block]
+        neg = x[neg_rows, start : start + block]
+        mean_diff = pos.mean(axis=0, dtype=np.float64) - neg.mean(axis=0, dtype=np.float64)
+        var = pos.var(axis=0, dtype=np.float64) / max(len(pos), 1) + neg.var(
+            axis=0, dtype=np.float64
+        ) / max(len(neg), 1)
+        out[start : start + block] = mean_diff / np.sqrt(var + 1e-24)
+    return out
 
 
 def screen_columns(x: np.ndarray, y: np.ndarray, top_k: int | None) -> np.ndarray:

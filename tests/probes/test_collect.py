@@ -110,7 +110,7 @@ def test_resume_after_a_kill(
     ids = [json.loads(line)["id"] for line in lines]
     assert sorted(ids) == sorted(item.id for item in items)  # each once, nothing truncated
     # a finished file is not asked again: no generation at all
-    monkeypatch.setattr(collect_module, "_batch_generate", None)
+    monkeypatch.setattr(collect_module, "GuardedModel", None)
     assert collect_answers(loaded, items, out, RECIPE, batch_size=2) == reference
 
 
