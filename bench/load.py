@@ -15,8 +15,9 @@ the server keeps it); ``batch_limit_ratio`` = aggregate / that.
     python bench/load.py --clients 16 --requests 64 --out bench/results/load.json
     .venv-vllm/bin/python bench/load.py --engine vllm --out bench/results/load_vllm.json
 
-``--engine vllm`` serves through vLLM (``hguard serve --engine vllm``) and, in the same run,
-through the transformers engine for comparison (its summary under ``"transformers"``).
+``--engine vllm`` serves through vLLM (``hguard serve --engine vllm``) in vLLM's own process
+layout and, in the same run, with vLLM in the server's process (``"in_process"``) and
+through the transformers engine for comparison (``"transformers"``).
 
 Writes ``{"single_client_tps", "aggregate_tps", "speedup", "batch_limit_tps",
 "batch_limit_ratio", "batch_limit_plain_tps", "errors", "ttft_p50_s", "ttft_p99_s",
@@ -251,14 +252,16 @@ def summarise(
     }  # fmt: skip
 
 
-def serve_and_load(args: argparse.Namespace, probe: str, engine: str) -> dict[str, Any]:
-    """Start ``hguard serve --engine ENGINE``, run both phases, stop it: the phases and
-    the server's exit code."""
+def serve_and_load(
+    args: argparse.Namespace, probe: str, engine: str, layout: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Start ``hguard serve --engine ENGINE`` (``layout``: more of its environment), run
+    both phases, stop it: the phases and the server's exit code."""
     prompts = [f"{q} Answer in a few words." for q in questions(args.requests)]
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {"GUARD_MAX_BATCH": str(args.clients), "GUARD_SERVED_MODEL_NAME": "bench",
-           "GUARD_QUEUE_SIZE": str(max(256, args.requests))}  # fmt: skip
+           "GUARD_QUEUE_SIZE": str(max(256, args.requests)), **(layout or {})}  # fmt: skip
     server = start_server(port, args.model, probe, env, engine)
     try:
         wait_ready(base, server)
@@ -286,10 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     # The batch limit is measured before and after the servers run (their mean counts):
     # a shared machine's speed drifts over the minutes between the phases.
     limits = [batch_limit(args.model, prompts, args.max_tokens, args.clients)]
-    engines = [args.engine] if args.engine == "transformers" else [args.engine, "transformers"]
+    # vLLM: its own process layout, then in process, then the transformers engine
+    engines: list[tuple[str, dict[str, str]]] = [("transformers", {})]
+    if args.engine == "vllm":
+        engines[:0] = [("vllm", {"GUARD_VLLM_MULTIPROCESS": "true"}),
+                       ("vllm", {"GUARD_VLLM_MULTIPROCESS": "false"})]  # fmt: skip
     with tempfile.TemporaryDirectory() as work:
         probe = prepare_probe(args.probe, args.model, Path(work))
-        runs = [serve_and_load(args, probe, engine) for engine in engines]
+        runs = [serve_and_load(args, probe, *engine) for engine in engines]
     limits.append(batch_limit(args.model, prompts, args.max_tokens, args.clients))
     summaries = []
     for run in runs:
@@ -297,9 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         summary.update(engine=run["engine"], server_exit_code=run["server_exit_code"])
         summaries.append(summary)
     result = summaries[0]
-    if len(summaries) > 1:  # vLLM: the transformers engine in the same run, for comparison
-        result["transformers"] = summaries[1]
-        result["errors"] += summaries[1]["errors"]
+    if len(summaries) > 1:  # vLLM: in process and the transformers engine, same run
+        result["layout"] = "multiprocess"
+        result["in_process"], result["transformers"] = summaries[1], summaries[2]
+        result["errors"] += summaries[1]["errors"] + summaries[2]["errors"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result, indent=2))

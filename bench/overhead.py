@@ -11,7 +11,8 @@ every run's seconds are in the JSON too).
     .venv-vllm/bin/python bench/overhead.py --engine vllm [--quick] --out ...overhead_vllm.json
 
 ``--engine vllm``: guarded = the vLLM engine (hooks, per-token risk, our rows); plain = the
-same vLLM engine with the hooks removed, driven directly (`bench/overhead_vllm.py`).
+same vLLM engine with the hooks removed, driven directly (`bench/overhead_vllm.py`), in vLLM's
+own process layout (``GUARD_VLLM_MULTIPROCESS=false``: vLLM in this process).
 
 Writes ``{"batch_1": {"plain_tps", "guarded_tps", "ratio"}, "batch_32": {...}, ...}``.
 """
@@ -19,6 +20,7 @@ Writes ``{"batch_1": {"plain_tps", "guarded_tps", "ratio"}, "batch_32": {...}, .
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from guard.decoding import GenerationRequest, SamplingParams  # noqa: E402
@@ -57,6 +60,7 @@ from guard.probe import (  # noqa: E402
     save_probe,
 )
 from guard.scoring import RiskScorer  # noqa: E402
+from guard.settings import GuardSettings  # noqa: E402
 
 TRIVIAQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "triviaqa" / "triviaqa.jsonl"
 
@@ -101,15 +105,27 @@ def resolve_probe(spec: str | None, loaded: LoadedModel, work: Path) -> Probe:
         return synthetic_probe(loaded, work / "synthetic_probe")
 
 
-Timing = tuple[float, float]  # (wall seconds, process CPU seconds)
+Timing = tuple[float, float]  # (wall seconds, CPU seconds of this process and its children)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and every live child (vLLM's engine core and worker run in
+    their own processes: this process's time alone would leave out the model)."""
+    me = psutil.Process()
+    total = 0.0
+    for process in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def _clock() -> Timing:
-    return time.perf_counter(), time.process_time()
+    return time.perf_counter(), _cpu_seconds()
 
 
 def _since(start: Timing) -> Timing:
-    return time.perf_counter() - start[0], time.process_time() - start[1]
+    return time.perf_counter() - start[0], _cpu_seconds() - start[1]
 
 
 def plain_run(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int) -> Timing:
@@ -226,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         **batches,
         "engine": args.engine,
+        **(
+            {"vllm_multiprocess": GuardSettings().vllm_multiprocess}
+            if args.engine == "vllm"
+            else {}
+        ),
         "probe": {
             "name": probe.name,
             "layers": len(RiskScorer(probe).neuron_selection()),

@@ -54,14 +54,13 @@ def plain_run(engine: VLLMEngine, prompts: list[list[int]], new_tokens: int) -> 
     from vllm.inputs import TokensPrompt
 
     llm = engine.llm
-    params = vllm_params(
-        SamplingParams(max_tokens=new_tokens - 1, temperature=0.0, ignore_eos=True),
-        engine.context.end_ids,
-    )  # max_tokens - 1 + 1: vllm_params asks for the guarded side's extra token
-    engine.capture.__exit__(None, None, None)
+    wanted = SamplingParams(max_tokens=new_tokens - 1, temperature=0.0, ignore_eos=True)
+    # max_tokens - 1 + 1: vllm_params asks for the guarded side's extra token
+    engine.pause_capture()
     try:
         started = _clock()
         for i, prompt in enumerate(prompts):
+            params = vllm_params(wanted, engine.context.end_ids, len(prompt))
             request = TokensPrompt(prompt_token_ids=prompt)
             llm.add_request(f"plain-{time.monotonic_ns()}-{i}", request, params)
         produced = 0
@@ -70,7 +69,7 @@ def plain_run(engine: VLLMEngine, prompts: list[list[int]], new_tokens: int) -> 
                 produced += len(output.outputs[0].token_ids)
         elapsed = _since(started)
     finally:
-        engine.capture.__enter__()
+        engine.resume_capture()
     if produced != new_tokens * len(prompts):
         raise RuntimeError(f"plain vLLM produced {produced} tokens, not {new_tokens} each")
     return elapsed

@@ -77,6 +77,11 @@ class GuardSettings(BaseSettings):
         default=True,
         description="let the probe's scope gate pass prompts it does not judge (false: judge all)",
     )
+    vllm_multiprocess: bool = Field(
+        default=True,
+        description="--engine vllm: vLLM's own process layout (engine core and worker in "
+        "their processes, the capture's frames sent back on a channel); false: in process",
+    )
     scope_threshold: Probability | None = Field(
         default=None, description="override the gate's threshold on p(short factual question)"
     )

@@ -20,10 +20,13 @@ batch (``input_batch.req_ids``). `StepCapture` hooks (through `guard.hooks.Model
   forward hook (the sampled ids): ``logprob`` and ``entropy`` of the sampled token
   (`guard.scoring.logit_statistics`, temperature 1, before any processing).
 
-At the end of a step (the sampler's hook) the response rows' CETT becomes
-`RiskScorer.measure` rows, and every request's values are kept as a `StepRecord` until
-the engine takes them (`take`). One host copy per step. With TP > 1 each rank would hold
-its own neurons' ``z`` (row-parallel input) and the all-reduced ``h``: docs/ARCHITECTURE.md.
+Which requests to measure, and their prompt lengths, the capture reads from vLLM's own
+request state (``sampling_params.extra_args``, `measure_args`): nothing is registered with
+the worker. At the end of a step (the sampler's hook) the response rows' CETT becomes
+`RiskScorer.measure` rows, and the step's values go out as one frame of plain data
+(`guard.vllm_engine.channel`: the worker extension publishes it to the API process). One
+host copy per step. With TP > 1 each rank would hold its own neurons' ``z`` (row-parallel
+input) and the all-reduced ``h``: docs/ARCHITECTURE.md.
 
 Needs eager execution: CUDA graphs replay without running Python hooks, and torch.compile
 would trace these host reads into graph breaks (`guard.vllm_engine.engine` forces
@@ -32,9 +35,9 @@ would trace these host reads into graph breaks (`guard.vllm_engine.engine` force
 
 from __future__ import annotations
 
-import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,9 +48,19 @@ from guard.hooks import Hook, ModelHooks
 from guard.knowledge import decoder_block
 from guard.neurons import cett_from_parts, find_mlp_layers, output_norms
 from guard.scoring import RiskScorer, logit_statistics
+from guard.vllm_engine.channel import Frame
+
+EXTRA_ARGS_KEY = "hguard"  # SamplingParams.extra_args[EXTRA_ARGS_KEY]: what to measure
 
 
-@dataclass
+def measure_args(prompt_len: int, *, forced: bool = False) -> dict[str, Any]:
+    """The ``extra_args`` that ask the capture to measure a request: its prompt length
+    (rows at or after it are response rows) and, for teacher forcing, that the prompt's
+    tail is the answer to score. Requests without them are not measured."""
+    return {EXTRA_ARGS_KEY: {"prompt_len": prompt_len, "forced": forced}}
+
+
+@dataclass(frozen=True)
 class Tracked:
     """A request the capture measures: its prompt length, and for teacher forcing the
     whole sequence (prompt + answer), whose answer tokens are scored from the prompt pass."""
@@ -57,29 +70,13 @@ class Tracked:
 
 
 @dataclass
-class StepRecord:
-    """One request's values from one step.
-
-    ``sampled``: (token id, log-prob, entropy) of the token sampled this step (also for a
-    partial prefill chunk, whose sample vLLM discards); ``measured``: `RiskScorer.measure`
-    row per response index fed this step; ``prompt_hidden``: the final hidden state at the
-    last prompt token (the step that reached it); ``prompt_residual``: the residual stream
-    after the knowledge gate's layer there; ``forced``: (log-prob, entropy) per
-    teacher-forced answer index predicted this step."""
-
-    sampled: tuple[int, float, float] | None = None
-    measured: dict[int, list[float]] = field(default_factory=dict)
-    prompt_hidden: torch.Tensor | None = None
-    prompt_residual: torch.Tensor | None = None
-    forced: dict[int, tuple[float, float]] = field(default_factory=dict)
-
-
-@dataclass
 class _Layout:
     """Which rows of this step's flat batch matter, and whose they are."""
 
     req_ids: list[str]
+    sampled_index: dict[str, int]  # request -> response index of the token sampled now
     response_rows: torch.Tensor  # [N] row indices into the flat batch
+    all_response: bool  # every row of the step is a response row (a decode-only step)
     response_of: list[tuple[str, int]]  # per response row: (request, response index)
     prompt_rows: dict[str, int]  # request -> row of its last prompt token
     forced_rows: dict[str, tuple[torch.Tensor, list[int], list[int]]]  # rows, indices, next ids
@@ -87,21 +84,34 @@ class _Layout:
 
 class StepCapture(ModelHooks):
     """Hooks on one vLLM model runner; ``with`` registers them, exit removes them.
-    ``knowledge_layer``: the knowledge gate's decoder layer (None: no gate)."""
+    ``knowledge_layer``: the knowledge gate's decoder layer (None: no gate). Each step's
+    values go to ``publish`` as one frame of plain data (msgpack-able, no tensors):
+
+        {"seconds": hook seconds,
+         "requests": {req_id: {"sampled": [index, token id, log-prob, entropy],
+                               "measured": [[index, *measure row], ...],
+                               "hidden": [...], "residual": [...],   # at the last prompt row
+                               "forced": [[index, log-prob, entropy], ...]}}}
+
+    ``index`` is a response index (0: the first generated token); keys appear only when the
+    step has them (a partial prefill chunk samples nothing vLLM keeps: no ``sampled``)."""
 
     def __init__(
-        self, runner: Any, scorer: RiskScorer | None, knowledge_layer: int | None = None
+        self,
+        runner: Any,
+        scorer: RiskScorer | None,
+        knowledge_layer: int | None,
+        publish: Callable[[Frame], None],
     ) -> None:
         self.runner = runner
         self.model: Any = runner.get_model()  # vLLM's model: compute_logits, config
         self.scorer = scorer
-        self.tracked: dict[str, Tracked] = {}
-        self._lock = threading.Lock()
-        self._records: dict[str, StepRecord] = {}
+        self.publish = publish
+        self._records: dict[str, dict[str, Any]] = {}
         self._layout: _Layout | None = None
         self._parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._logits: torch.Tensor | None = None
-        self._seconds = 0.0  # guard work inside vLLM's step (hooks), since `pop_seconds`
+        self._seconds = 0.0  # guard work inside this step's hooks
         hooks = [
             Hook(self.model, self._on_model_input, pre=True, with_kwargs=True),
             Hook(self.model, self._on_model_output, with_kwargs=True),
@@ -127,29 +137,19 @@ class StepCapture(ModelHooks):
         self._slot = torch.repeat_interleave(torch.arange(len(widths)), torch.as_tensor(widths))
         super().__init__(self.model, "vllm step", hooks)
 
-    # --- engine side ---
-    def track(self, req_id: str, tracked: Tracked) -> None:
-        with self._lock:
-            self.tracked[req_id] = tracked
+    def _record(self, req_id: str) -> dict[str, Any]:
+        return self._records.setdefault(req_id, {})
 
-    def forget(self, req_id: str) -> None:
-        with self._lock:
-            self.tracked.pop(req_id, None)
-            self._records.pop(req_id, None)
-
-    def take(self) -> dict[str, StepRecord]:
-        """Every request's values since the last call (the engine calls it after a step)."""
-        with self._lock:
-            records, self._records = self._records, {}
-        return records
-
-    def pop_seconds(self) -> float:
-        """Seconds the hooks spent since the last call (the scoring-time metric)."""
-        seconds, self._seconds = self._seconds, 0.0
-        return seconds
-
-    def _record(self, req_id: str) -> StepRecord:
-        return self._records.setdefault(req_id, StepRecord())
+    def _tracked(self, req_id: str) -> Tracked | None:
+        """What to measure for ``req_id``, from vLLM's own request state: the
+        ``extra_args`` of `measure_args` (None: not ours, not measured)."""
+        state = self.runner.requests.get(req_id)
+        params = getattr(state, "sampling_params", None)
+        extra = (getattr(params, "extra_args", None) or {}).get(EXTRA_ARGS_KEY)
+        if state is None or not isinstance(extra, dict):
+            return None
+        forced = list(state.prompt_token_ids) if extra.get("forced") else None
+        return Tracked(int(extra["prompt_len"]), forced)
 
     # --- hooks (the worker's thread, inside vLLM's step) ---
     def _on_model_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):  # type: ignore[no-untyped-def]
@@ -168,16 +168,17 @@ class StepCapture(ModelHooks):
 
     def _plan(self, req_ids: list[str], starts: list[int], positions: list[int]) -> _Layout:
         rows: list[int] = []
+        sampled_index: dict[str, int] = {}
         response_of: list[tuple[str, int]] = []
         prompt_rows: dict[str, int] = {}
         forced_rows: dict[str, tuple[torch.Tensor, list[int], list[int]]] = {}
-        with self._lock:
-            tracked = dict(self.tracked)
         for i, req_id in enumerate(req_ids):
-            info = tracked.get(req_id)
-            if info is None:
+            info = self._tracked(req_id)
+            if info is None or starts[i] == starts[i + 1]:
                 continue
             plen = info.prompt_len
+            if positions[starts[i + 1] - 1] >= plen - 1:  # not a partial prefill chunk
+                sampled_index[req_id] = positions[starts[i + 1] - 1] - plen + 1
             f_rows, f_index, f_next = [], [], []
             for row in range(starts[i], starts[i + 1]):
                 pos = positions[row]
@@ -192,8 +193,9 @@ class StepCapture(ModelHooks):
                     f_next.append(info.forced_ids[pos + 1])
             if f_rows:
                 forced_rows[req_id] = (torch.as_tensor(f_rows), f_index, f_next)
-        return _Layout(req_ids, torch.as_tensor(rows, dtype=torch.long), response_of,
-                       prompt_rows, forced_rows)  # fmt: skip
+        all_response = len(rows) == len(positions)
+        return _Layout(req_ids, sampled_index, torch.as_tensor(rows, dtype=torch.long),
+                       all_response, response_of, prompt_rows, forced_rows)  # fmt: skip
 
     def _make_layer_hook(self, index: int):  # type: ignore[no-untyped-def]
         neurons = self._neurons[index]
@@ -203,10 +205,12 @@ class StepCapture(ModelHooks):
             if layout is None or layout.response_rows.numel() == 0:
                 return
             started = time.perf_counter()
-            h = output[0] if isinstance(output, tuple) else output
-            rows = layout.response_rows.to(h.device)
-            z = inputs[0].index_select(0, rows).index_select(1, neurons.to(h.device))
-            self._parts[index] = (z.float(), output_norms(h.index_select(0, rows)))
+            x, h = inputs[0], output[0] if isinstance(output, tuple) else output
+            if not layout.all_response:  # a decode-only step needs no row selection
+                rows = layout.response_rows.to(h.device)
+                x, h = x.index_select(0, rows), h.index_select(0, rows)
+            z = x.index_select(1, neurons.to(h.device))
+            self._parts[index] = (z.float(), output_norms(h))
             self._seconds += time.perf_counter() - started
 
         return hook
@@ -226,8 +230,8 @@ class StepCapture(ModelHooks):
             stream = parts[0].index_select(0, rows).float()
             for part in parts[1:]:  # the residual, not yet added
                 stream = stream + part.index_select(0, rows).float()
-            for req_id, state in zip(layout.prompt_rows, stream, strict=True):
-                self._record(req_id).prompt_residual = state.clone()
+            for req_id, state in zip(layout.prompt_rows, stream.tolist(), strict=True):
+                self._record(req_id)["residual"] = state
 
     def _on_model_output(  # type: ignore[no-untyped-def]
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -237,12 +241,14 @@ class StepCapture(ModelHooks):
             return
         with torch.no_grad():
             for req_id, row in layout.prompt_rows.items():
-                self._record(req_id).prompt_hidden = output[row].float().clone()
+                self._record(req_id)["hidden"] = output[row].float().tolist()
             for req_id, (rows, indices, next_ids) in layout.forced_rows.items():
                 logits = self.model.compute_logits(output.index_select(0, rows.to(output.device)))
                 logprob, entropy = logit_statistics(logits, torch.as_tensor(next_ids))
                 stats = zip(indices, logprob.tolist(), entropy.tolist(), strict=True)
-                self._record(req_id).forced.update({i: (lp, e) for i, lp, e in stats})
+                self._record(req_id).setdefault("forced", []).extend(
+                    [i, lp, e] for i, lp, e in stats
+                )
 
     def _on_sampler_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):  # type: ignore[no-untyped-def]
         logits = kwargs.get("logits", args[0] if args else None)
@@ -262,13 +268,15 @@ class StepCapture(ModelHooks):
             values = torch.stack([sampled.double(), logprob.double(), entropy.double()], 1)
             measured = self._measure(layout)
             rows, measured_rows = values.tolist(), measured.tolist() if measured is not None else []
-        with self._lock:
-            for req_id, (token, lp, ent) in zip(layout.req_ids, rows, strict=False):
-                if req_id in self.tracked:
-                    self._record(req_id).sampled = (int(token), lp, ent)
-            for (req_id, index), row in zip(layout.response_of, measured_rows, strict=True):
-                self._record(req_id).measured[index] = row
-        self._seconds += time.perf_counter() - started
+        for req_id, (token, lp, ent) in zip(layout.req_ids, rows, strict=False):
+            index = layout.sampled_index.get(req_id)
+            if index is not None:
+                self._record(req_id)["sampled"] = [index, int(token), lp, ent]
+        for (req_id, index), row in zip(layout.response_of, measured_rows, strict=True):
+            self._record(req_id).setdefault("measured", []).append([index, *row])
+        records, self._records = self._records, {}
+        seconds, self._seconds = self._seconds + time.perf_counter() - started, 0.0
+        self.publish({"seconds": seconds, "requests": records})
 
     def _measure(self, layout: _Layout) -> torch.Tensor | None:
         """`RiskScorer.measure` of this step's response rows ``[N, 1 + layers]``."""

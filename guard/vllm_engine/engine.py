@@ -1,13 +1,14 @@
-"""VLLMEngine: the `Engine` Protocol on vLLM's in-process engine core.
+"""VLLMEngine: the `Engine` Protocol on vLLM.
 
-Process layout (this step): the API process runs vLLM's `LLMEngine` in process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``: engine core, scheduler, `UniProcExecutor` and the
-worker share this process) on one thread, ``vllm-engine``, that owns it: it admits
-submitted requests, runs ``step()`` while any is live, and hands each step's captured
-values (`guard.vllm_engine.capture.StepCapture`, hooked into the worker's model through
-``collective_rpc``) to the requests' rows. Cancelling a stream (client gone, policy abort,
-stop string) aborts its vLLM request before the next step. The target layout (vLLM's
-multiprocess engine, a worker extension and a channel back) is in docs/ARCHITECTURE.md.
+Process layout: by default vLLM's own (``VLLM_ENABLE_V1_MULTIPROCESSING=1``): the engine
+core and its worker run in their own processes; the worker loads the guard's extension
+(`guard.vllm_engine.worker`), whose capture (`guard.vllm_engine.capture.StepCapture`)
+sends each step's values back on a channel (`guard.vllm_engine.channel`). With
+``GUARD_VLLM_MULTIPROCESS=false`` vLLM runs in this process (same extension, same channel).
+Either way one thread, ``vllm-engine``, owns vLLM's `LLMEngine` client
+(`guard.vllm_engine.loop`): it admits submitted requests, runs ``step()`` while any is
+live and feeds each output, with the frames it needs, to its request. Cancelling a stream
+(client gone, policy abort, stop string) aborts its vLLM request before the next step.
 
     engine = VLLMEngine(GuardSettings(probe="default"), metrics)
     engine.start(); stream = engine.submit(ids, SamplingParams(max_tokens=32)); engine.stop()
@@ -23,11 +24,9 @@ import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import AutoTokenizer, GenerationConfig, PretrainedConfig
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -39,8 +38,7 @@ from guard.generation import guard_info, policy_for
 from guard.knowledge import KnowledgeGate
 from guard.loading import model_spec_of, settings_probe, verified_probe
 from guard.metrics import GuardMetrics
-from guard.model import PromptEncoder, end_ids_of, fingerprint_model, prepare_tokenizer
-from guard.neurons import find_mlp_layers
+from guard.model import PromptEncoder, end_ids_of, prepare_tokenizer
 from guard.policy import Policy
 from guard.probe import Probe, PromptRecipe
 from guard.results import GuardInfo, ScoreResult
@@ -48,9 +46,10 @@ from guard.sampling import SamplingParams
 from guard.scope import ScopeGate
 from guard.scoring import RiskScorer
 from guard.settings import GuardSettings
-from guard.vllm_engine.capture import StepCapture
+from guard.vllm_engine.channel import FrameReader
 from guard.vllm_engine.loop import EngineLoop
 from guard.vllm_engine.requests import PromptGates
+from guard.vllm_engine.worker import EXTENSION
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +66,10 @@ class VLLMContext:
 
 
 def build_llm(directory: Path, settings: GuardSettings, **overrides: Any) -> Any:
-    """vLLM's in-process `LLMEngine` on an exported float32 directory, eager (the hooks
-    must run: no CUDA graphs, no torch.compile), synchronous scheduling (a step's outputs
-    are that step's), our own tokenisation."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    """vLLM's `LLMEngine` on an exported float32 directory with the guard's worker
+    extension: eager (the hooks must run: no CUDA graphs, no torch.compile), synchronous
+    scheduling, our own tokenisation; in this process or vLLM's own layout."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if settings.vllm_multiprocess else "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
@@ -79,7 +78,7 @@ def build_llm(directory: Path, settings: GuardSettings, **overrides: Any) -> Any
         "model": str(directory), "dtype": "float32", "enforce_eager": True, "seed": 0,
         "max_num_seqs": settings.max_batch, "async_scheduling": False,
         "max_model_len": settings.max_prompt_tokens + settings.max_new_tokens + 1,
-        "skip_tokenizer_init": True,
+        "skip_tokenizer_init": True, "worker_extension_cls": EXTENSION,
     }  # fmt: skip
     options.update(overrides)
     if not options["enforce_eager"]:
@@ -88,50 +87,6 @@ def build_llm(directory: Path, settings: GuardSettings, **overrides: Any) -> Any
             "capture's hooks and torch.compile traces them into graph breaks"
         )
     return LLMEngine.from_engine_args(EngineArgs(**options))
-
-
-def _install_capture(
-    scorer: RiskScorer | None, knowledge_layer: int | None, worker: Any
-) -> StepCapture:
-    capture = StepCapture(worker.model_runner, scorer, knowledge_layer)
-    capture.__enter__()
-    return capture
-
-
-def _executed_weight(module: torch.nn.Module) -> torch.Tensor:
-    """``W_down`` ``[out, in]`` as vLLM computes with it: its CPU build packs linear weights
-    for oneDNN and drops ``weight``; the layer applied to the identity gives it back (one
-    product per output, exact in float32)."""
-    width = int(module.input_size_per_partition)  # type: ignore[arg-type]
-    with torch.no_grad():
-        eye = torch.eye(width, dtype=torch.float32)
-        out = module(eye)
-        out = out[0] if isinstance(out, tuple) else out
-        bias = getattr(module, "bias", None)
-        if isinstance(bias, torch.Tensor) and not getattr(module, "skip_bias_add", False):
-            out = out - bias
-    return out.T.contiguous()
-
-
-def _fingerprint(worker: Any) -> ModelFingerprint:
-    """The fingerprint of the weights vLLM computes with (TP = 1: every column on this
-    rank). Packed (CPU) down projections get their weight back for the capture's column
-    norms; `_drop_restored` frees it once the capture has them."""
-    model = worker.model_runner.get_model()
-    for layer in find_mlp_layers(model):
-        weight = layer.module.weight
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.numel() == 0:
-            restored = torch.nn.Parameter(_executed_weight(layer.module), requires_grad=False)
-            layer.module.weight = restored
-            setattr(layer.module, "_hguard_restored", True)  # noqa: B010
-    return fingerprint_model(model)
-
-
-def _drop_restored(worker: Any) -> None:
-    for layer in find_mlp_layers(worker.model_runner.get_model()):
-        if getattr(layer.module, "_hguard_restored", False):
-            layer.module.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
-            delattr(layer.module, "_hguard_restored")  # noqa: B043
 
 
 class VLLMEngine:
@@ -153,7 +108,9 @@ class VLLMEngine:
         recorded = exported_fingerprint(directory)
         self._model_id = self._name(directory, spec)
         self.llm = build_llm(directory, settings, **llm_options)
-        fingerprint = self.llm.collective_rpc(_fingerprint)[0]
+        fingerprint = ModelFingerprint.model_validate(
+            self.llm.collective_rpc("hguard_fingerprint")[0]
+        )
         if recorded is not None and recorded != fingerprint:
             log.warning("vLLM's weights differ from the export's record: %s", directory)
         self.probe: Probe | None = verified_probe(settings, probe, fingerprint)
@@ -171,12 +128,15 @@ class VLLMEngine:
         info = guard_info(self.probe, policy)
         self.context = VLLMContext(self.tokenizer, scorer, policy, info, end_ids)
         knowledge = self.gates.knowledge.layer if self.gates.knowledge is not None else None
-        install = partial(_install_capture, scorer, knowledge)
-        self.capture: StepCapture = self.llm.collective_rpc(install)[0]
-        self.llm.collective_rpc(_drop_restored)
+        self.frames = FrameReader()
+        probe_args = (None, None) if self.probe is None else (
+            str(self.probe.path), self.probe.manifest_sha256
+        )  # fmt: skip
+        install = (*probe_args, knowledge, self.frames.address)
+        self.llm.collective_rpc("hguard_install", args=install)
         self.metrics = metrics
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=settings.queue_size)
-        self._loop = EngineLoop(self.llm, self.capture, self.context, self.gates, self._queue,
+        self._loop = EngineLoop(self.llm, self.frames, self.context, self.gates, self._queue,
                                 metrics)  # fmt: skip
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -252,10 +212,18 @@ class VLLMEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        self.capture.__exit__(None, None, None)
         shutdown = getattr(self.llm.engine_core, "shutdown", None)
         if callable(shutdown):
             shutdown()
+        self.frames.close()
+
+    def pause_capture(self) -> None:
+        """Remove the capture's hooks from vLLM's model (the overhead bench's plain side;
+        no live request may need them)."""
+        self.llm.collective_rpc("hguard_pause")
+
+    def resume_capture(self) -> None:
+        self.llm.collective_rpc("hguard_resume")
 
     # --- work ---
     def _put(self, item: Any) -> None:

@@ -1,13 +1,16 @@
 """The vLLM engine thread: admit, step, hand out each step's values, cancel.
 
-One thread owns vLLM's in-process `LLMEngine` (it is not thread-safe). Per turn it
+One thread owns vLLM's `LLMEngine` client (it is not thread-safe). Per turn it
 1. admits what the event loop queued (generations: `Ticket`; scores: a tuple with a
-   future), registering each request's prompt length with the capture first;
+   future); each request's sampling parameters tell the capture what to measure, and the
+   `FrameReader` starts keeping its values under vLLM's internal request id;
 2. aborts the vLLM requests of streams that were cancelled (client gone) or whose row
    finished early (stop string, policy abort), before the next step: at once;
-3. runs one ``step()`` (vLLM schedules: continuous batching, chunked prefill) and takes
-   the capture's records of that step, keyed by vLLM's internal request id;
-4. feeds every output to its request (`guard.vllm_engine.requests`).
+3. runs one ``step()`` (vLLM schedules: continuous batching, chunked prefill; with vLLM's
+   own processes, the outputs of the engine core's next step) and merges the frames that
+   have arrived;
+4. feeds every output to its request (`guard.vllm_engine.requests`), waiting for the
+   frames a token still lacks.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from guard.batching import Ticket
 from guard.errors import CaptureError
 from guard.metrics import GuardMetrics
 from guard.sampling import SamplingParams
-from guard.vllm_engine.capture import StepCapture, StepRecord, Tracked
+from guard.vllm_engine.channel import FrameReader
 from guard.vllm_engine.requests import Generation, PromptGates, Scoring, vllm_params
 
 log = logging.getLogger(__name__)
@@ -41,14 +44,14 @@ class EngineLoop:
     def __init__(
         self,
         llm: Any,
-        capture: StepCapture,
+        frames: FrameReader,
         context: Any,
         gates: PromptGates,
         inbox: queue.Queue[Any],
         metrics: GuardMetrics | None,
     ) -> None:
         self.llm = llm
-        self.capture = capture
+        self.frames = frames
         self.context = context
         self.gates = gates
         self.inbox = inbox
@@ -64,8 +67,8 @@ class EngineLoop:
                 continue
             try:
                 outputs = self.llm.step()
-                records = self.capture.take()
-                self._dispatch(outputs, records)
+                self.frames.drain()
+                self._dispatch(outputs)
             except Exception as exc:  # the outer edge: fail the live requests, keep serving
                 log.exception("vLLM step failed")
                 self._fail_all(exc)
@@ -99,8 +102,7 @@ class EngineLoop:
             request = item.request
             live: Generation | Scoring = Generation.of(item, self.context)
             prompt = TokensPrompt(prompt_token_ids=list(request.prompt_ids))
-            tracked = Tracked(len(request.prompt_ids))
-            params = vllm_params(request.params, end_ids)
+            params = vllm_params(request.params, end_ids, len(request.prompt_ids))
         else:
             _, prompt_ids, response_ids, future = item
             if not future.set_running_or_notify_cancel():
@@ -110,8 +112,7 @@ class EngineLoop:
             sequence = list(prompt_ids) + list(response_ids)
             # a unique salt: no cached prefix may skip the answer tokens' forward pass
             prompt = TokensPrompt(prompt_token_ids=sequence, cache_salt=external)
-            tracked = Tracked(len(prompt_ids), sequence)
-            params = vllm_params(_GREEDY_ONE, end_ids, forced=True)
+            params = vllm_params(_GREEDY_ONE, end_ids, len(prompt_ids), forced=True)
         live.req_id = external  # replaced by vLLM's internal id below
         self.live[external] = live
         try:
@@ -120,7 +121,7 @@ class EngineLoop:
             del self.live[external]
             raise
         live.req_id = internal
-        self.capture.track(internal, tracked)
+        live.got = self.frames.expect(internal)
 
     def _fail(self, item: Any, exc: Exception) -> None:
         if isinstance(item, Ticket):
@@ -147,43 +148,40 @@ class EngineLoop:
     def _forget(self, external: str) -> None:
         live = self.live.pop(external, None)
         if live is not None:
-            self.capture.forget(live.req_id)
+            self.frames.forget(live.req_id)
 
     # --- dispatching ---
-    def _dispatch(self, outputs: list[Any], records: dict[str, StepRecord]) -> None:
+    def _dispatch(self, outputs: list[Any]) -> None:
         started = time.perf_counter()
         scored = 0
-        fed: set[str] = set()
         for output in outputs:
             live = self.live.get(output.request_id)
             if live is None:
                 continue
-            fed.add(live.req_id)
-            record = records.get(live.req_id)
             if isinstance(live, Generation):
                 before = len(live.row.tokens)
                 token_ids = list(output.outputs[0].token_ids) if output.outputs else []
-                live.feed(token_ids, record, self.gates)
+                try:
+                    live.feed(token_ids, self.gates, self.frames.wait)
+                except CaptureError as exc:  # this request's values are missing: it fails
+                    live.ticket.on_error(exc)
+                    live.row.done = True  # aborted and forgotten below, like a finished row
+                    continue
                 scored += len(live.row.tokens) - before
                 if output.finished and not live.row.done:  # vLLM stopped first
                     reason = output.outputs[0].finish_reason if output.outputs else None
                     live.row.finish("stop" if reason == "stop" else "length")
                 if output.finished:
                     self._forget(output.request_id)
-            else:
-                live.absorb(record, self.gates)
-                if output.finished:
-                    self._forget(output.request_id)
-                    self._settle(live)
-        for live in self.live.values():  # measured in a step that gave them no token
-            if live.req_id not in fed:
-                live.absorb(records.get(live.req_id), self.gates)
+            elif output.finished:
+                self._settle(live)
+                self._forget(output.request_id)
         self._cancel_finished()  # rows the policy ended (abort, abstention): before any step
         self._observe(scored, time.perf_counter() - started)
 
     def _settle(self, scoring: Scoring) -> None:
         try:
-            scoring.future.set_result(scoring.result(self.context))
+            scoring.future.set_result(scoring.result(self.context, self.gates, self.frames.wait))
         except CaptureError as exc:
             scoring.future.set_exception(exc)
 
@@ -195,7 +193,7 @@ class EngineLoop:
         if scored:
             metrics.generated_tokens.inc(scored)
             if self.context.scorer is not None:
-                work = seconds + self.capture.pop_seconds()
+                work = seconds + self.frames.pop_seconds()
                 metrics.scoring_seconds.observe(work / scored)
 
     def _fail_all(self, exc: Exception) -> None:

@@ -13,11 +13,14 @@ before generating (the token vLLM sampled in that step is then never fed).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
+import torch
 
 from guard.batching import Ticket
 from guard.decoding import DecodeRow, RowContext, TextTracker
@@ -27,7 +30,8 @@ from guard.knowledge import KnowledgeGate
 from guard.results import ScopeVerdict, ScoreResult
 from guard.sampling import SamplingParams
 from guard.scope import ScopeGate
-from guard.vllm_engine.capture import StepRecord
+from guard.vllm_engine.capture import measure_args
+from guard.vllm_engine.channel import Received
 
 
 @dataclass(frozen=True)
@@ -37,23 +41,33 @@ class PromptGates:
     scope: ScopeGate | None = None
     knowledge: KnowledgeGate | None = None
 
-    def judge(self, record: StepRecord) -> tuple[ScopeVerdict | None, float | None] | None:
-        """(scope verdict, prompt risk) from the step that reached the prompt's last
-        token; None for any other step."""
-        hidden, residual = record.prompt_hidden, record.prompt_residual
-        if hidden is None and residual is None:
-            return None
-        scope = None if self.scope is None or hidden is None else self.scope.judge(hidden[None])[0]
-        knowledge, risk = self.knowledge, None
-        if knowledge is not None and residual is not None:
-            risk = knowledge.risks(residual[None])[0]
+    def ready(self, got: Received) -> bool:
+        """Whether the inputs of every gate there is have arrived."""
+        return (self.scope is None or got.hidden is not None) and (
+            self.knowledge is None or got.residual is not None
+        )
+
+    def judge(self, got: Received) -> tuple[ScopeVerdict | None, float | None]:
+        """(scope verdict, prompt risk) from the inputs at the prompt's last token."""
+        scope = None
+        if self.scope is not None and got.hidden is not None:
+            scope = self.scope.judge(torch.tensor([got.hidden]))[0]
+        risk = None
+        if self.knowledge is not None and got.residual is not None:
+            risk = self.knowledge.risks(torch.tensor([got.residual]))[0]
         return scope, risk
 
 
-def vllm_params(params: SamplingParams, end_ids: frozenset[int], *, forced: bool = False) -> Any:
+Wait = Callable[[Callable[[], bool], str], None]  # `FrameReader.wait`: until ready, or fail
+
+
+def vllm_params(
+    params: SamplingParams, end_ids: frozenset[int], prompt_len: int, *, forced: bool = False
+) -> Any:
     """vLLM's sampling parameters for ours: token ids in, deltas out, no detokenising
     (our `TextTracker` does stop strings), our end tokens stop it; ``ignore_eos`` masks
-    them instead (as `guard.sampling.sample_next` does; statistics stay raw)."""
+    them instead (as `guard.sampling.sample_next` does; statistics stay raw). The
+    ``extra_args`` ask the capture to measure the request (`measure_args`)."""
     from vllm import SamplingParams as VLLMSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -61,6 +75,7 @@ def vllm_params(params: SamplingParams, end_ids: frozenset[int], *, forced: bool
         "n": 1, "max_tokens": 1 if forced else params.max_tokens + 1,
         "temperature": params.temperature, "top_p": params.top_p, "seed": params.seed,
         "detokenize": False, "output_kind": RequestOutputKind.DELTA,
+        "extra_args": measure_args(prompt_len, forced=forced),
     }  # fmt: skip
     if params.ignore_eos:
         options.update(ignore_eos=True, logit_bias={i: -100.0 for i in sorted(end_ids)})
@@ -71,12 +86,14 @@ def vllm_params(params: SamplingParams, end_ids: frozenset[int], *, forced: bool
 
 @dataclass
 class Generation:
-    """A streamed generation: its ticket (the API's stream) and its row."""
+    """A streamed generation: its ticket (the API's stream), its row, and what the capture
+    has sent for it."""
 
     ticket: Ticket
     row: DecodeRow
+    got: Received = field(default_factory=Received)
     req_id: str = ""  # vLLM's internal id (the worker sees it)
-    measured_lag: dict[int, list[float]] = field(default_factory=dict)
+    outputs: int = 0  # tokens vLLM has given so far
 
     @classmethod
     def of(cls, ticket: Ticket, context: RowContext) -> Generation:
@@ -84,39 +101,32 @@ class Generation:
         tracker = TextTracker(context.tokenizer, request.params.stop)
         return cls(ticket, DecodeRow(request, context, tracker, None))
 
-    def absorb(self, record: StepRecord | None, gates: PromptGates) -> bool:
-        """What a step measured for this request (a step may produce no token for it:
-        a prefill chunk, a recomputation after preemption). True: it read the prompt's
-        gates."""
-        if record is None:
-            return False
-        self.measured_lag.update(record.measured)
-        verdicts = gates.judge(record)
-        if verdicts is None:
-            return False
-        self.row.scope, self.row.prompt_risk = verdicts
-        return True
-
-    def feed(self, token_ids: list[int], record: StepRecord | None, gates: PromptGates) -> None:
-        """One step's output for this request (usually one new token). After the prompt
-        pass the policy may abstain on the prompt alone: the row then ends unanswered and
-        the engine aborts its vLLM request."""
-        row = self.row
-        first = not row.tokens and row.pending is None
-        if self.absorb(record, gates) and first and row.abstains_before():
-            return
+    def feed(self, token_ids: list[int], gates: PromptGates, wait: Wait) -> None:
+        """One output of vLLM for this request (usually one new token), each token with
+        the values of the step that sampled it (and of the step that fed the one before).
+        With the first token the prompt's gates are read: the policy may abstain on the
+        prompt alone; the row then ends unanswered and the engine aborts its vLLM request."""
+        row, got = self.row, self.got
+        if self.outputs == 0 and token_ids:
+            wait(lambda: gates.ready(got), f"the prompt of {self.req_id}")
+            row.scope, row.prompt_risk = gates.judge(got)
+            if row.abstains_before():
+                return
         for token_id in token_ids:
             if row.done:
                 return
-            if record is None or record.sampled is None or record.sampled[0] != token_id:
-                raise CaptureError(f"no captured statistics for token {token_id} of {self.req_id}")
-            values = list(record.sampled)
-            if row.pending is not None and row.engine.scorer is not None:
-                measured = self.measured_lag.pop(len(row.tokens), None)
-                if measured is None:
-                    raise CaptureError(f"token {len(row.tokens)} of {self.req_id} was not measured")
-                values += measured
-            row.accept(values)
+            index, fed = self.outputs, len(row.tokens)
+            self.outputs += 1
+            measure = row.pending is not None and row.engine.scorer is not None
+            wait(partial(got.has_token, index, fed if measure else None),
+                 f"token {index} of {self.req_id}")  # fmt: skip
+            sampled = got.sampled.pop(index)
+            if sampled[0] != token_id:
+                raise CaptureError(
+                    f"token {index} of {self.req_id}: vLLM gave {token_id}, the capture saw "
+                    f"{sampled[0]} sampled"
+                )
+            row.accept([*sampled, *(got.measured.pop(fed) if measure else [])])
 
 
 @dataclass
@@ -126,34 +136,22 @@ class Scoring:
     prompt_ids: list[int]
     response_ids: list[int]
     future: Future[ScoreResult]
+    got: Received = field(default_factory=Received)
     req_id: str = ""
-    measured: dict[int, list[float]] = field(default_factory=dict)
-    forced: dict[int, tuple[float, float]] = field(default_factory=dict)
-    scope: ScopeVerdict | None = None
-    prompt_risk: float | None = None
 
-    def absorb(self, record: StepRecord | None, gates: PromptGates) -> bool:
-        """What a step measured: answer rows, predictions, the prompt's gates."""
-        if record is None:
-            return False
-        self.measured.update(record.measured)
-        self.forced.update(record.forced)
-        verdicts = gates.judge(record)
-        if verdicts is not None:
-            self.scope, self.prompt_risk = verdicts
-        return verdicts is not None
-
-    def result(self, context: RowContext) -> ScoreResult:
-        """The verdict, through the same `judge_answer` as the transformers engine."""
+    def result(self, context: RowContext, gates: PromptGates, wait: Wait) -> ScoreResult:
+        """The verdict, through the same `judge_answer` as the transformers engine, once
+        every answer token's values have arrived."""
         if context.scorer is None:
             return judge_answer(context, self.response_ids)
-        n = len(self.response_ids)
-        if sorted(self.measured) != list(range(n)) or sorted(self.forced) != list(range(n)):
-            raise CaptureError(
-                f"teacher forcing measured {len(self.measured)} and predicted "
-                f"{len(self.forced)} of {n} answer tokens (prefix caching?)"
-            )
-        measured = np.asarray([self.measured[i] for i in range(n)], dtype=np.float64)
-        stats = np.asarray([self.forced[i] for i in range(n)], dtype=np.float64)
+        got, n = self.got, len(self.response_ids)
+
+        def complete() -> bool:
+            return gates.ready(got) and all(i in got.measured and i in got.forced for i in range(n))
+
+        wait(complete, f"the {n} answer tokens of {self.req_id} (prefix caching?)")
+        scope, prompt_risk = gates.judge(got)
+        measured = np.asarray([got.measured[i] for i in range(n)], dtype=np.float64)
+        stats = np.asarray([got.forced[i] for i in range(n)], dtype=np.float64)
         return judge_answer(context, self.response_ids, (measured, stats[:, 0], stats[:, 1]),
-                            self.scope, self.prompt_risk)  # fmt: skip
+                            scope, prompt_risk)  # fmt: skip

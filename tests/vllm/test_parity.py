@@ -1,9 +1,10 @@
 """The vLLM engine against the transformers engine on SmolLM2 with the shipped probe.
 
-One vLLM engine for the module, started on purpose with a small token budget per step
-(``max_num_batched_tokens=48``, at most 6 sequences): prompts are prefilled in chunks and
-mixed with other requests' decodes in one flat batch, so every number below also tests
-that CETT and logit statistics are attributed to the right request.
+One vLLM engine per process layout (vLLM's own processes, then in process), started on
+purpose with a small token budget per step (``max_num_batched_tokens=48``, at most 6
+sequences): prompts are prefilled in chunks and mixed with other requests' decodes in one
+flat batch, so every number below also tests that CETT and logit statistics are attributed
+to the right request.
 
 Parity: for the same token ids, per-token risks within 1e-3 and the same decisions.
 Greedy answers are token-identical here (float32 on both sides); should a future kernel
@@ -45,15 +46,20 @@ ANSWERS = ["Paris.", "William Shakespeare wrote it.", "Mars", "It fell in 1991."
 TOL = 1e-3
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["multiprocess", "in-process"])
 def engines(
-    smollm2: LoadedModel, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, smollm2: LoadedModel, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[object, GuardedModel]]:
+    """Each test runs on both process layouts: vLLM's own (engine core and worker in their
+    processes, frames over the channel) and vLLM in this process."""
     from guard.vllm_engine import VLLMEngine
 
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("GUARD_EXPORT_DIR", str(tmp_path_factory.mktemp("export")))
-    settings = GuardSettings(probe="default", max_batch=6, max_new_tokens=32)
+    settings = GuardSettings(
+        probe="default", max_batch=6, max_new_tokens=32,
+        vllm_multiprocess=request.param == "multiprocess",
+    )  # fmt: skip
     engine = VLLMEngine(settings, max_num_batched_tokens=48, enable_chunked_prefill=True)
     reference = configured(smollm2, load_probe("default"), settings)
     engine.start()
