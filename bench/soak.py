@@ -5,6 +5,7 @@ every block of requests. Passes with zero errors and server RSS growth under 10%
 request 200 to the end. Writes a JSON report.
 
     python bench/soak.py --requests 2000 --out bench/results/soak.json
+    .venv-vllm/bin/python bench/soak.py --engine vllm --requests 1000 --out ...soak_vllm.json
     python bench/soak.py --requests 300 --model ./tiny-model --probe ./tiny-probe --out /tmp/s.json
 
 ``--probe random`` writes a probe with random weights for the model (the serving path is
@@ -14,6 +15,7 @@ exercised exactly as with a trained probe; for soaking before a trained one exis
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -167,7 +169,7 @@ def start_server(
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", GUARD_SERVED_MODEL_NAME=SERVED,
                GUARD_MAX_NEW_TOKENS=str(args.max_tokens), GUARD_QUEUE_SIZE="1024")  # fmt: skip
     command = [sys.executable, "-m", "guard.cli", "serve", "--model", args.model, "--probe", probe,
-               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+               "--engine", args.engine, "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     with log.open("wb") as sink:
         proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -186,7 +188,14 @@ def start_server(
 
 
 def rss_mb(proc: subprocess.Popen[bytes]) -> float:
-    return float(psutil.Process(proc.pid).memory_info().rss) / 2**20
+    """Resident memory of the server and its children (vLLM's engine core and worker run
+    in their own processes)."""
+    server = psutil.Process(proc.pid)
+    total = 0
+    for process in [server, *server.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += process.memory_info().rss
+    return float(total) / 2**20
 
 
 def run_load(url: str, proc: subprocess.Popen[bytes], args: argparse.Namespace) -> dict[str, Any]:
@@ -239,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL_SPEC, help="model spec for hguard serve")
     parser.add_argument("--probe", default="default", help="probe dir, 'default' or 'random'")
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                        help="vllm: run in .venv-vllm")  # fmt: skip
     parser.add_argument("--request-timeout", type=float, default=300.0)
     parser.add_argument("--start-timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
@@ -259,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(10)
     answered = sum(report["decisions"].values())
     report.update(
-        model=args.model, probe=args.probe, max_tokens=args.max_tokens,
+        model=args.model, probe=args.probe, engine=args.engine, max_tokens=args.max_tokens,
         concurrency_levels=list(CONCURRENCY), block=BLOCK, cpus=os.cpu_count(),
         metrics_match=sum(report["decisions_in_metrics"].values()) == answered,
         passed=report["errors"] == 0 and report["rss_growth"] < GROWTH_LIMIT
