@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -159,6 +160,60 @@ def test_cancelling_a_stream_aborts_its_vllm_request(engines: tuple[object, Guar
 
     result = asyncio.run(cancel_after_two())
     assert result.finish_reason == "cancelled" and 2 <= len(result.tokens) < 32
+    assert engine.llm.get_num_unfinished_requests() == 0  # type: ignore[attr-defined]
+
+
+def test_a_request_whose_frames_never_come_fails_alone(
+    engines: tuple[object, GuardedModel],
+) -> None:
+    """If the capture's frames for one request do not arrive, that request fails with a
+    `CaptureError` (no hang: the wait is bounded) and its vLLM request is aborted; the
+    request beside it is answered with the transformers engine's risks."""
+    from guard.errors import CaptureError
+    from guard.vllm_engine.channel import FrameReader, Received
+
+    engine, reference = engines
+    frames: FrameReader = engine.frames  # type: ignore[attr-defined]
+    starved, fed = (
+        reference.encode_chat(reference.prompt_recipe.messages(q)) for q in QUESTIONS[:2]
+    )
+    expect, first = frames.expect, []
+
+    def starve_the_first(req_id: str) -> Received:
+        if not first:
+            first.append(req_id)
+            return Received()  # kept by nobody: its frames are dropped
+        return expect(req_id)
+
+    async def both() -> tuple[BaseException | None, GenerationResult]:
+        params = SamplingParams(max_tokens=8, temperature=0.0)
+        lost = engine.submit(starved, params)  # type: ignore[attr-defined]
+        kept = engine.submit(fed, params)  # type: ignore[attr-defined]
+        error = None
+        try:
+            async for _ in lost.events():
+                pass
+        except CaptureError as exc:
+            error = exc
+        async for item in kept.events():
+            if isinstance(item, GenerationResult):
+                return error, item
+        raise AssertionError("stream ended without a result")
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(frames, "expect", starve_the_first)
+    monkeypatch.setattr(frames, "wait", partial(frames.wait, timeout_s=2.0))
+    try:
+        error, result = asyncio.run(both())
+    finally:
+        monkeypatch.undo()
+    assert isinstance(error, CaptureError) and "no capture" in str(error)
+    theirs = reference.generate(fed, SamplingParams(max_tokens=8, temperature=0.0))
+    assert result.token_ids == theirs.token_ids
+    assert result.token_risks == pytest.approx(theirs.token_risks, abs=TOL)
+    deadline = time.monotonic() + 10
+    while engine.llm.get_num_unfinished_requests() and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.05)
     assert engine.llm.get_num_unfinished_requests() == 0  # type: ignore[attr-defined]
 
 
