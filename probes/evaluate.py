@@ -150,29 +150,14 @@ def score_records(
 ) -> tuple[ScoredAnswers, int]:
     """Teacher-force answer records with the probe's neurons; ``(scored, empty answers)``.
 
-    Answers without a response token cannot be scored and are left out (counted).
+    Answers without a response token cannot be scored and are left out (counted). Batches
+    are length-sorted (`probes.longform.trace_answers`); the scores keep the records' order.
     """
-    from guard.forcing import teacher_force
-    from guard.model import pad_token_id
+    from probes.longform import trace_answers
 
     scorer = RiskScorer(probe)
-    selection = scorer.neuron_selection() or None
-    pad_id = pad_token_id(loaded.tokenizer)
     kept = [r for r in records if r.response_ids]
-    stats: list[AnswerStats] = []  # [answers]
-    for first in range(0, len(kept), batch_size):
-        batch = kept[first : first + batch_size]
-        traces = teacher_force(
-            loaded.model,
-            [r.prompt_ids for r in batch],
-            [r.response_ids for r in batch],
-            pad_id,
-            neurons=selection,
-        )
-        for trace in traces:
-            token_logits = scorer.measure(scorer.flatten(trace.cett))[:, 0].double().numpy()
-            lp, ent = trace.logprobs.numpy(), trace.entropies.numpy()
-            stats.append(AnswerStats.from_tokens(token_logits, lp, ent))
+    stats = [trace.stats() for trace in trace_answers(loaded, scorer, kept, batch_size)]
     labels = np.array([1 if r.hallucinated else 0 for r in kept], dtype=np.int64)
     return _score_stats(scorer, labels, stats), len(records) - len(kept)
 

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from guard.forcing import teacher_force
-from guard.model import LoadedModel
+from guard.model import LoadedModel, pad_token_id
 from guard.probe import PromptRecipe
 from guard.scoring import AnswerStats, RiskScorer
 from probes.collect import AnswerRecord
@@ -62,7 +62,7 @@ def trace_answers(
     """Teacher-force every record (at least one response token each), length-sorted."""
     if any(not r.response_ids for r in records):
         raise ValueError("every answer needs a response token: drop empty answers first")
-    pad_id = int(loaded.tokenizer.pad_token_id or 0)
+    pad_id = pad_token_id(loaded.tokenizer)
     order = sorted(
         range(len(records)), key=lambda i: len(records[i].prompt_ids) + len(records[i].response_ids)
     )
