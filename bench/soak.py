@@ -187,20 +187,27 @@ def start_server(
     raise SystemExit(f"hguard serve not ready in {args.start_timeout} s")
 
 
-def rss_mb(proc: subprocess.Popen[bytes]) -> float:
-    """Resident memory of the server and its children (vLLM's engine core and worker run
-    in their own processes)."""
+def rss_by_process(proc: subprocess.Popen[bytes]) -> dict[str, float]:
+    """Resident MiB of the server (``server``) and of each child by its name (vLLM's engine
+    core and worker run in their own processes)."""
     server = psutil.Process(proc.pid)
-    total = 0
+    out: dict[str, float] = {}
     for process in [server, *server.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
-            total += process.memory_info().rss
-    return float(total) / 2**20
+            name = "server" if process.pid == proc.pid else f"{process.name()}-{process.pid}"
+            out[name] = round(process.memory_info().rss / 2**20, 1)
+    return out
+
+
+def rss_mb(proc: subprocess.Popen[bytes]) -> float:
+    """Resident MiB of the server and all its children."""
+    return round(sum(rss_by_process(proc).values()), 1)
 
 
 def run_load(url: str, proc: subprocess.Popen[bytes], args: argparse.Namespace) -> dict[str, Any]:
     tally = Tally()
     rss_series: list[tuple[int, float]] = []
+    by_process: list[tuple[int, dict[str, float]]] = []
     started = time.perf_counter()
     with httpx.Client(base_url=url, timeout=args.request_timeout,
                       limits=httpx.Limits(max_connections=64)) as client:  # fmt: skip
@@ -209,7 +216,8 @@ def run_load(url: str, proc: subprocess.Popen[bytes], args: argparse.Namespace) 
             indices = range(first, min(first + BLOCK, args.requests))
             with ThreadPoolExecutor(concurrency) as pool:
                 list(pool.map(lambda i: one_request(client, i, args.max_tokens, tally), indices))
-            rss_series.append((tally.done, round(rss_mb(proc), 1)))
+            rss_series.append((tally.done, rss_mb(proc)))
+            by_process.append((tally.done, rss_by_process(proc)))
             done, mb = rss_series[-1]
             print(f"{done}/{args.requests} requests, {tally.errors} errors, RSS {mb} MiB, "
                   f"concurrency {concurrency}", flush=True)  # fmt: skip
@@ -222,6 +230,7 @@ def run_load(url: str, proc: subprocess.Popen[bytes], args: argparse.Namespace) 
         "requests": tally.done, "errors": tally.errors, "error_samples": tally.error_samples,
         "rss_mb_at_200": at_200, "rss_mb_end": end, "rss_growth": round((end - at_200) / at_200, 4),
         "rss_mb_max": max(mb for _, mb in rss_series), "rss_series": rss_series,
+        "rss_by_process": by_process,
         "duration_s": round(elapsed, 1), "requests_per_s": round(tally.done / elapsed, 2),
         "latency_p50_s": round(statistics.median(latencies), 3),
         "latency_p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3),
@@ -278,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "rss_series"}, indent=2))
+    series = ("rss_series", "rss_by_process")
+    print(json.dumps({k: v for k, v in report.items() if k not in series}, indent=2))
     return 0 if report["passed"] else 1
 
 
