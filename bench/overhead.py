@@ -222,20 +222,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine == "vllm":
         from overhead_vllm import vllm_sides  # bench/ is on sys.path as the script's dir
 
-        plain_side, guarded_side, encode, probe, model_id, close = vllm_sides(args)
+        plain_side, guarded_side, encode, probe, model_id, close, hook_cost = vllm_sides(args)
     else:
         loaded = load_model(args.model)
         probe = resolve_probe(args.probe, loaded, args.out.parent)
         guarded = GuardedModel(loaded, probe)
         plain_side, guarded_side = partial(plain_run, loaded), partial(guarded_run, guarded)
-        encode, model_id, close = guarded.encode_chat, loaded.model_id, None
+        encode, model_id, close, hook_cost = guarded.encode_chat, loaded.model_id, None, None
     ask = probe.manifest.prompt.messages
     batch_1 = [[encode(ask(q))] for q in questions(single_prompts)]
     batch_32 = [[encode(ask(q)) for q in questions(32)]]
     try:
         sides = (plain_side, guarded_side)
-        batches = {"batch_1": measure(*sides, batch_1, new_tokens, repeats),
-                   "batch_32": measure(*sides, batch_32, new_tokens, repeats)}  # fmt: skip
+        batches = {}
+        for name, batch in (("batch_1", batch_1), ("batch_32", batch_32)):
+            batches[name] = measure(*sides, batch, new_tokens, repeats)
+            if hook_cost is not None:  # vLLM: the worker's hook time per guarded step
+                batches[name].update(hook_cost())
     finally:
         if close is not None:
             close()

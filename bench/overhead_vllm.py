@@ -26,11 +26,15 @@ from guard.settings import GuardSettings
 from guard.vllm_engine import VLLMEngine
 from guard.vllm_engine.requests import vllm_params
 
-Sides = tuple[Run, Run, Callable[[Any], list[int]], Probe, str, Callable[[], None]]
+Sides = tuple[
+    Run, Run, Callable[[Any], list[int]], Probe, str, Callable[[], None],
+    Callable[[], dict[str, float]],
+]  # fmt: skip
 
 
 def vllm_sides(args: argparse.Namespace) -> Sides:
-    """(plain, guarded, encode_chat, probe, model id, close) on one vLLM engine."""
+    """(plain, guarded, encode_chat, probe, model id, close, hook cost) on one vLLM
+    engine; ``hook cost()``: the worker's hook time per step since the last call."""
     settings = GuardSettings(
         probe=args.probe or "default", max_batch=32, queue_size=256,
         **({"model": args.model} if args.model != "smollm2" else {}),
@@ -46,7 +50,26 @@ def vllm_sides(args: argparse.Namespace) -> Sides:
         engine.probe,
         engine.model_id,
         lambda: engine.stop(60),
+        HookCost(engine),
     )
+
+
+class HookCost:
+    """The capture's hook seconds per vLLM step, from the worker's frames (only the guarded
+    side's steps send frames: the plain side runs with the hooks removed)."""
+
+    def __init__(self, engine: VLLMEngine) -> None:
+        self.frames = engine.frames
+        self.frames.pop_seconds()
+        self.start = self.frames.merged
+
+    def __call__(self) -> dict[str, float]:
+        steps, self.start = self.frames.merged - self.start, self.frames.merged
+        seconds = self.frames.pop_seconds()
+        return {
+            "guarded_steps": steps,
+            "hook_ms_per_step": round(1000 * seconds / max(steps, 1), 3),
+        }
 
 
 def plain_run(engine: VLLMEngine, prompts: list[list[int]], new_tokens: int) -> Timing:

@@ -98,6 +98,7 @@ class FrameReader:
         self._decoder = msgspec.msgpack.Decoder()
         self._received: dict[str, Received] = {}
         self._seconds = 0.0
+        self.merged = 0  # frames merged so far: one per vLLM step
 
     def expect(self, req_id: str) -> Received:
         """Start keeping ``req_id``'s values (before its first step can run)."""
@@ -118,6 +119,7 @@ class FrameReader:
                 if received is not None:
                     received.update(values)
             merged += 1
+        self.merged += merged
         return merged
 
     def wait(self, ready: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
