@@ -21,7 +21,10 @@ through the transformers engine for comparison (``"transformers"``).
 
 Writes ``{"single_client_tps", "aggregate_tps", "speedup", "batch_limit_tps",
 "batch_limit_ratio", "batch_limit_plain_tps", "errors", "ttft_p50_s", "ttft_p99_s",
-...}`` (TTFT percentiles of the concurrent phase) and the load average before and after.
+"batch_limit_burst_ttft_s", ...}`` (TTFT percentiles of the concurrent phase; the burst
+figure: how long the engine alone, unguarded, takes to give ``--clients`` prompts added
+together their first tokens, the floor of the opening burst's TTFT) and the load average
+before and after.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,7 +50,7 @@ import httpx
 import numpy as np
 from overhead import questions, synthetic_probe  # bench/ is on sys.path as the script's dir
 
-from guard.decoding import GenerationRequest, SamplingParams
+from guard.decoding import GenerationRequest, SamplingParams, TokenEvent
 from guard.generation import CollectingSink, GuardedModel
 from guard.model import DEFAULT_MODEL_SPEC, load_model
 
@@ -174,19 +178,36 @@ def batch_limit(model: str, questions: list[str], max_tokens: int, batch: int) -
     process (after a warm-up batch). ``tps``: one running batch kept across the batches,
     prefilled as the server does (an idle batch prefills all of a batch in its first step,
     grouped by length, the shared prefix's keys and values reused); ``plain_tps``: every
-    batch on its own in one padded pass (``generate_batch``, like ``model.generate``)."""
+    batch on its own in one padded pass (``generate_batch``, like ``model.generate``).
+
+    ``kept.burst_ttft_s``: per batch, the seconds from adding its ``batch`` prompts to an
+    idle running batch until the last of them has its first token: the opening burst of the
+    load phase with no HTTP and no guard, the engine's own floor for that burst's TTFT (its
+    prompt tokens are compute-bound; every token, unguarded too, is sent once the next pass
+    has fed it)."""
     guarded = GuardedModel(load_model(model), None)
     prompts = [guarded.encode_chat([{"role": "user", "content": q}]) for q in questions]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     kept = guarded.live_batch()
+    bursts: list[float] = []
 
     def run(group: list[list[int]], keep: bool) -> int:
-        sinks = [CollectingSink() for _ in group]
+        started, firsts = time.perf_counter(), [0.0] * len(group)  # 0: no token (at once EOS)
+
+        def first(i: int) -> Callable[[TokenEvent], None]:
+            def on_event(event: TokenEvent) -> None:
+                if event.index == 0:
+                    firsts[i] = time.perf_counter() - started
+
+            return on_event
+
+        sinks = [CollectingSink(first(i)) for i in range(len(group))]
         requests = [GenerationRequest(p, params, s) for p, s in zip(group, sinks, strict=True)]
         if keep:
             kept.add(requests)
             while kept:
                 kept.step()
+            bursts.append(round(max(firsts), 4))
         else:
             guarded.generate_batch(requests)
         return sum(s.result.completion_tokens for s in sinks if s.result is not None)
@@ -194,11 +215,13 @@ def batch_limit(model: str, questions: list[str], max_tokens: int, batch: int) -
     out: dict[str, Any] = {}
     for keep, name in ((False, "plain"), (True, "kept")):
         run(prompts[:batch], keep)  # warm-up (and, kept, the prefix)
+        bursts.clear()
         started = time.perf_counter()
         tokens = sum(run(prompts[i : i + batch], keep) for i in range(0, len(prompts), batch))
         seconds = time.perf_counter() - started
         tps = round(tokens / seconds, 3)
         out[name] = {"tokens": tokens, "seconds": round(seconds, 3), "tps": tps}
+    out["kept"]["burst_ttft_s"] = list(bursts)
     return out
 
 
@@ -237,6 +260,10 @@ def summarise(
         "ttft_p90_s": percentile(ttfts, 90),
         "ttft_p99_s": percentile(ttfts, 99),
         "ttft_max_s": round(max(ttfts), 4) if ttfts else None,
+        # the opening burst's floor: the engine alone, unguarded, no HTTP (`batch_limit`)
+        "batch_limit_burst_ttft_s": (floor := round(float(np.median(
+            [t for limit in limits for t in limit["kept"]["burst_ttft_s"]])), 4)),
+        "ttft_max_over_burst_floor": round(max(ttfts) / floor, 3) if ttfts else None,
         "ttft_after_first_p50_s": percentile(later, 50),  # without the opening burst
         "ttft_after_first_p99_s": percentile(later, 99),
         "single_client_ttft_p50_s": round(float(np.median(
