@@ -285,9 +285,18 @@ def compute_cett(
         return cett_from_parts(z_sel.to(dtype), output_norms(h, dtype), column_norms)
 
 
-def output_norms(h: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``||h_t||_2`` over the last axis, kept as a size-1 axis, never below a tiny epsilon."""
-    return torch.linalg.vector_norm(h.to(dtype), dim=-1, keepdim=True).clamp_min(_EPS)
+def output_norms(
+    h: torch.Tensor, dtype: torch.dtype = torch.float32, *, floor: bool = True
+) -> torch.Tensor:
+    """``||h_t||_2`` over the last axis, kept as a size-1 axis, never below a tiny epsilon
+    (``floor=False``: not yet; the caller applies `floor_norms` once to many of them)."""
+    norms = torch.linalg.vector_norm(h, dim=-1, keepdim=True, dtype=dtype)
+    return floor_norms(norms) if floor else norms
+
+
+def floor_norms(norms: torch.Tensor) -> torch.Tensor:
+    """Norms never below the tiny epsilon that keeps CETT finite for an all-zero output."""
+    return norms.clamp_min(_EPS)
 
 
 def cett_from_parts(

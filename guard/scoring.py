@@ -40,11 +40,18 @@ def logit_statistics(
     ``logits`` ``[..., vocab]`` (temperature 1, no processing), ``next_ids`` ``[...]``.
     Returns two float32 tensors shaped like ``next_ids``.
     """
+    logp, entropy = log_probs_and_entropy(logits)
+    with torch.no_grad():
+        token_logp = logp.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
+    return token_logp, entropy
+
+
+def log_probs_and_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw distribution's log-probabilities ``[..., vocab]`` (float32) and entropy
+    ``[...]``: the part of `logit_statistics` that needs no sampled token."""
     with torch.no_grad():
         logp = torch.log_softmax(logits.float(), dim=-1)
-        token_logp = logp.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
-        entropy = -(logp.exp() * logp).sum(dim=-1)
-    return token_logp, entropy
+        return logp, -torch.linalg.vecdot(logp.exp(), logp)
 
 
 @dataclass(frozen=True)

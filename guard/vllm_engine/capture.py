@@ -16,9 +16,9 @@ batch (``input_batch.req_ids``). `StepCapture` hooks (through `guard.hooks.Model
   next layer's norm, so the stream is their sum: what transformers' block returns);
 - the model's forward hook: the final hidden state at the last prompt row, and for
   teacher-forced requests the full-vocabulary logits at the rows that predict answer tokens;
-- the sampler's pre-hook (the raw logits it samples from, one row per request) and its
-  forward hook (the sampled ids): ``logprob`` and ``entropy`` of the sampled token
-  (`guard.scoring.logit_statistics`, temperature 1, before any processing).
+- the sampler's pre-hook (the raw logits it samples from, one row per request: their
+  log-probs and entropy, temperature 1, before any processing) and its forward hook (the
+  sampled ids: their log-probs; `guard.scoring.logit_statistics`).
 
 Which requests to measure, and their prompt lengths, the capture reads from vLLM's own
 request state (``sampling_params.extra_args``, `measure_args`): nothing is registered with
@@ -46,8 +46,8 @@ from torch import nn
 from guard.errors import CaptureError
 from guard.hooks import Hook, ModelHooks
 from guard.knowledge import decoder_block
-from guard.neurons import cett_from_parts, find_mlp_layers, output_norms
-from guard.scoring import RiskScorer, logit_statistics
+from guard.neurons import cett_from_parts, find_mlp_layers, floor_norms, output_norms
+from guard.scoring import RiskScorer, log_probs_and_entropy, logit_statistics
 from guard.vllm_engine.channel import Frame
 
 EXTRA_ARGS_KEY = "hguard"  # SamplingParams.extra_args[EXTRA_ARGS_KEY]: what to measure
@@ -110,7 +110,7 @@ class StepCapture(ModelHooks):
         self._records: dict[str, dict[str, Any]] = {}
         self._layout: _Layout | None = None
         self._parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._logits: torch.Tensor | None = None
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None  # log-probs, entropy
         self._seconds = 0.0  # guard work inside this step's hooks
         hooks = [
             Hook(self.model, self._on_model_input, pre=True, with_kwargs=True),
@@ -125,9 +125,10 @@ class StepCapture(ModelHooks):
             for index, neurons in scorer.neuron_selection().items():
                 if index not in layers:
                     raise CaptureError(f"the vLLM model has no MLP layer {index}")
-                selected = torch.as_tensor(neurons, dtype=torch.long)
+                norms = layers[index].column_norms
+                selected = torch.as_tensor(neurons, dtype=torch.long, device=norms.device)
                 self._neurons[index] = selected
-                scale.append(layers[index].column_norms[selected].float())
+                scale.append(norms[selected].float())
                 hooks.append(Hook(layers[index].module, self._make_layer_hook(index)))
         if knowledge_layer is not None:
             block = decoder_block(self.model, knowledge_layer)
@@ -209,8 +210,7 @@ class StepCapture(ModelHooks):
             if not layout.all_response:  # a decode-only step needs no row selection
                 rows = layout.response_rows.to(h.device)
                 x, h = x.index_select(0, rows), h.index_select(0, rows)
-            z = x.index_select(1, neurons.to(h.device))
-            self._parts[index] = (z.float(), output_norms(h))
+            self._parts[index] = (x.index_select(1, neurons), output_norms(h, floor=False))
             self._seconds += time.perf_counter() - started
 
         return hook
@@ -252,19 +252,26 @@ class StepCapture(ModelHooks):
 
     def _on_sampler_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):  # type: ignore[no-untyped-def]
         logits = kwargs.get("logits", args[0] if args else None)
-        # the sampler may modify its float32 input in place (temperature, penalties)
-        self._logits = logits.detach().clone() if isinstance(logits, torch.Tensor) else None
+        if self._layout is None or not isinstance(logits, torch.Tensor):
+            self._stats = None
+            return
+        # before the sampler, which may modify its float32 input in place (temperature,
+        # penalties): the log-probs are a new tensor, so the logits need no copy
+        started = time.perf_counter()
+        self._stats = log_probs_and_entropy(logits)
+        self._seconds += time.perf_counter() - started
 
     def _on_sampler_output(  # type: ignore[no-untyped-def]
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ):
-        layout, logits, self._logits, self._layout = self._layout, self._logits, None, None
-        if layout is None or logits is None:
+        layout, stats, self._stats, self._layout = self._layout, self._stats, None, None
+        if layout is None or stats is None:
             return
         started = time.perf_counter()
         with torch.no_grad():
             sampled = output.sampled_token_ids[:, 0].long()
-            logprob, entropy = logit_statistics(logits, sampled)
+            logp, entropy = stats
+            logprob = logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
             values = torch.stack([sampled.double(), logprob.double(), entropy.double()], 1)
             measured = self._measure(layout)
             rows, measured_rows = values.tolist(), measured.tolist() if measured is not None else []
@@ -286,8 +293,8 @@ class StepCapture(ModelHooks):
         if set(self._parts) != set(self._neurons):
             raise CaptureError(f"probe layers {sorted(self._neurons)} did not all run this step")
         parts = [self._parts[index] for index in self._neurons]
-        z = torch.cat([part[0] for part in parts], dim=-1)
-        norms = torch.cat([part[1] for part in parts], dim=-1)  # [N, layers]
+        z = torch.cat([part[0] for part in parts], dim=-1).float()
+        norms = floor_norms(torch.cat([part[1] for part in parts], dim=-1))  # [N, layers]
         self._parts = {}
         cett = cett_from_parts(z, norms.index_select(-1, self._slot), self._scale)
         return scorer.measure(cett).double()
