@@ -290,7 +290,7 @@ def output_norms(
 ) -> torch.Tensor:
     """``||h_t||_2`` over the last axis, kept as a size-1 axis, never below a tiny epsilon
     (``floor=False``: not yet; the caller applies `floor_norms` once to many of them)."""
-    norms = torch.linalg.vector_norm(h, dim=-1, keepdim=True, dtype=dtype)
+    norms = torch.linalg.vector_norm(h.to(dtype), dim=-1, keepdim=True)
     return floor_norms(norms) if floor else norms
 
 
