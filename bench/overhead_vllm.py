@@ -3,7 +3,8 @@
 One vLLM engine serves both, so weights, KV cache, kernels and scheduler are identical:
 - guarded: `VLLMEngine` as the server runs it (its thread, capture hooks, per-token risk
   through `RiskScorer`, our rows; vLLM is asked for one extra token so the last response
-  token is fed and measured, as the transformers engine's final pass does);
+  token is fed and measured, as the transformers engine's final pass does: that step runs
+  only the layers the guard reads, no LM head, `tail_steps` in the JSON);
 - plain: the same `LLMEngine` with the capture's hooks removed, driven directly
   (``add_request``, ``step`` until done), the same prompts and forced token count.
 The engine thread is idle (no live request) while the plain side drives vLLM.
@@ -61,13 +62,15 @@ class HookCost:
     def __init__(self, engine: VLLMEngine) -> None:
         self.frames = engine.frames
         self.frames.pop_seconds()
-        self.start = self.frames.merged
+        self.start, self.tails = self.frames.merged, self.frames.tail_steps
 
     def __call__(self) -> dict[str, float]:
         steps, self.start = self.frames.merged - self.start, self.frames.merged
+        tails, self.tails = self.frames.tail_steps - self.tails, self.frames.tail_steps
         seconds = self.frames.pop_seconds()
         return {
             "guarded_steps": steps,
+            "tail_steps": tails,  # last steps that ran only the layers the guard reads
             "hook_ms_per_step": round(1000 * seconds / max(steps, 1), 3),
         }
 

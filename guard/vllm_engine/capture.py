@@ -20,6 +20,9 @@ batch (``input_batch.req_ids``). `StepCapture` hooks (through `guard.hooks.Model
   log-probs and entropy, temperature 1, before any processing) and its forward hook (the
   sampled ids: their log-probs; `guard.scoring.logit_statistics`).
 
+A step in which every request only feeds its last kept token (its sample is dropped) runs
+the decoder layers up to the last one read and no LM head (`TailSkip`).
+
 Which requests to measure, and their prompt lengths, the capture reads from vLLM's own
 request state (``sampling_params.extra_args``, `measure_args`): nothing is registered with
 the worker. At the end of a step (the sampler's hook) the response rows' CETT becomes
@@ -53,20 +56,26 @@ from guard.vllm_engine.channel import Frame
 EXTRA_ARGS_KEY = "hguard"  # SamplingParams.extra_args[EXTRA_ARGS_KEY]: what to measure
 
 
-def measure_args(prompt_len: int, *, forced: bool = False) -> dict[str, Any]:
+def measure_args(
+    prompt_len: int, *, forced: bool = False, drops_last: bool = False
+) -> dict[str, Any]:
     """The ``extra_args`` that ask the capture to measure a request: its prompt length
-    (rows at or after it are response rows) and, for teacher forcing, that the prompt's
-    tail is the answer to score. Requests without them are not measured."""
-    return {EXTRA_ARGS_KEY: {"prompt_len": prompt_len, "forced": forced}}
+    (rows at or after it are response rows); for teacher forcing, that the prompt's tail is
+    the answer to score; ``drops_last``: the engine drops the request's last sample (it is
+    asked for only so that the last kept token is fed and measured: `TailSkip`). Requests
+    without them are not measured."""
+    return {EXTRA_ARGS_KEY: {"prompt_len": prompt_len, "forced": forced, "drops_last": drops_last}}
 
 
 @dataclass(frozen=True)
 class Tracked:
-    """A request the capture measures: its prompt length, and for teacher forcing the
-    whole sequence (prompt + answer), whose answer tokens are scored from the prompt pass."""
+    """A request the capture measures: its prompt length, for teacher forcing the whole
+    sequence (prompt + answer), whose answer tokens are scored from the prompt pass, and
+    the response index of a last sample the engine drops (None: every sample is kept)."""
 
     prompt_len: int
     forced_ids: list[int] | None = None
+    dropped_index: int | None = None
 
 
 @dataclass
@@ -80,6 +89,76 @@ class _Layout:
     response_of: list[tuple[str, int]]  # per response row: (request, response index)
     prompt_rows: dict[str, int]  # request -> row of its last prompt token
     forced_rows: dict[str, tuple[torch.Tensor, list[int], list[int]]]  # rows, indices, next ids
+    tail: bool = False  # every request feeds its last kept token, samples only a dropped one
+
+
+class TailSkip:
+    """The last step of a generation computes less. vLLM is asked for one token more than
+    the answer keeps (`measure_args`' ``drops_last``) so that the last kept token is fed and
+    measured; that step's sample is dropped. When every request of a step is on that step,
+    it needs the decoder layers up to the last one the guard reads and no logits: the stack
+    stops there (the model's ``end_layer``, vLLM's own pipeline-parallel split, restored
+    after the forward) and ``compute_logits`` returns zeros for the dropped samples (on
+    SmolLM2 8 of 30 layers and the 49k-row LM head: ~40% of that step).
+
+    Not when a fed token fills its KV block: vLLM caches full blocks for prefix reuse, and
+    the skipped layers would leave that block without their keys and values. A model
+    without a plain ``start_layer``/``end_layer`` stack (or split over ranks) skips nothing.
+    """
+
+    def __init__(self, model: Any, stack: Any, end_layer: int) -> None:
+        self.model, self.stack, self.end_layer = model, stack, end_layer
+        self.full_end: int = stack.end_layer
+        self.vocab: int | None = None  # logits width, from the last full step's sampler
+        self.block_sizes: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, runner: Any, model: Any, last_layer: int) -> TailSkip | None:
+        """The skip for ``model`` when the guard reads nothing after ``last_layer``."""
+        name = find_mlp_layers(model)[last_layer].name.split(f".{last_layer}.")[0]
+        owner, _, attribute = name.rpartition(".")
+        stack = model.get_submodule(owner) if owner else model
+        layers = getattr(stack, attribute, None)
+        start, end = getattr(stack, "start_layer", None), getattr(stack, "end_layer", None)
+        if not isinstance(layers, nn.ModuleList) or (start, end) != (0, len(layers)):
+            return None
+        if not callable(getattr(model, "compute_logits", None)):
+            return None
+        skip = cls(model, stack, last_layer + 1)
+        skip.block_sizes = _block_sizes(runner)
+        return skip
+
+    def allows(self, fed_positions: list[int]) -> bool:
+        """Whether a step feeding tokens at these positions may skip: the logits width is
+        known and no fed token fills a KV block."""
+        return self.vocab is not None and not any(
+            (pos + 1) % size == 0 for pos in fed_positions for size in self.block_sizes
+        )
+
+    def begin(self) -> None:
+        self.stack.end_layer = self.end_layer
+        self.model.compute_logits = self._zeros
+
+    def end_forward(self) -> None:
+        self.stack.end_layer = self.full_end
+
+    def reset(self) -> None:
+        """Undo whatever a step left (a failed step may not have reached its logits)."""
+        self.end_forward()
+        self.model.__dict__.pop("compute_logits", None)
+
+    def _zeros(self, hidden: torch.Tensor) -> torch.Tensor:
+        del self.model.compute_logits  # one call: vLLM's own method is back
+        if self.vocab is None:
+            raise CaptureError("a tail step before any full step gave the logits' width")
+        return hidden.new_zeros(hidden.shape[0], self.vocab)
+
+
+def _block_sizes(runner: Any) -> tuple[int, ...]:
+    """The KV cache's block sizes (one per cache group), else the configured one."""
+    groups = getattr(getattr(runner, "kv_cache_config", None), "kv_cache_groups", None) or []
+    sizes = {int(group.kv_cache_spec.block_size) for group in groups}
+    return tuple(sorted(sizes)) or (int(runner.cache_config.block_size),)
 
 
 class StepCapture(ModelHooks):
@@ -87,7 +166,7 @@ class StepCapture(ModelHooks):
     ``knowledge_layer``: the knowledge gate's decoder layer (None: no gate). Each step's
     values go to ``publish`` as one frame of plain data (msgpack-able, no tensors):
 
-        {"seconds": hook seconds,
+        {"seconds": hook seconds, "tail": whether the step was a `TailSkip` one,
          "requests": {req_id: {"sampled": [index, token id, log-prob, entropy],
                                "measured": [[index, *measure row], ...],
                                "hidden": [...], "residual": [...],   # at the last prompt row
@@ -134,9 +213,18 @@ class StepCapture(ModelHooks):
             block = decoder_block(self.model, knowledge_layer)
             hooks.append(Hook(block, self._on_knowledge_block))
         self._scale = torch.cat(scale) if scale else torch.zeros(0)
+        read = [*self._neurons, *([] if knowledge_layer is None else [knowledge_layer])]
+        self._tail = TailSkip.of(runner, self.model, max(read)) if read else None
         widths = [len(n) for n in self._neurons.values()]
         self._slot = torch.repeat_interleave(torch.arange(len(widths)), torch.as_tensor(widths))
         super().__init__(self.model, "vllm step", hooks)
+
+    def _remove(self) -> None:
+        """Remove the hooks, and give the model back whole (a step that failed after
+        `TailSkip.begin` would leave it shortened)."""
+        if self._tail is not None:
+            self._tail.reset()
+        super()._remove()
 
     def _record(self, req_id: str) -> dict[str, Any]:
         return self._records.setdefault(req_id, {})
@@ -150,7 +238,9 @@ class StepCapture(ModelHooks):
         if state is None or not isinstance(extra, dict):
             return None
         forced = list(state.prompt_token_ids) if extra.get("forced") else None
-        return Tracked(int(extra["prompt_len"]), forced)
+        max_tokens = getattr(params, "max_tokens", None)
+        dropped = max_tokens - 1 if extra.get("drops_last") and max_tokens else None
+        return Tracked(int(extra["prompt_len"]), forced, dropped)
 
     # --- hooks (the worker's thread, inside vLLM's step) ---
     def _on_model_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):  # type: ignore[no-untyped-def]
@@ -163,8 +253,12 @@ class StepCapture(ModelHooks):
         starts = _query_start_loc(self.runner, len(req_ids))
         if starts[-1] > positions.numel():
             raise CaptureError(f"query_start_loc {starts} overruns {positions.numel()} tokens")
+        if self._tail is not None:
+            self._tail.reset()
         self._layout = self._plan(req_ids, starts, positions.tolist())
         self._parts = {}
+        if self._layout.tail and self._tail is not None:
+            self._tail.begin()
         self._seconds += time.perf_counter() - started
 
     def _plan(self, req_ids: list[str], starts: list[int], positions: list[int]) -> _Layout:
@@ -173,6 +267,7 @@ class StepCapture(ModelHooks):
         response_of: list[tuple[str, int]] = []
         prompt_rows: dict[str, int] = {}
         forced_rows: dict[str, tuple[torch.Tensor, list[int], list[int]]] = {}
+        dropping = 0  # requests whose sample this step is one the engine drops
         for i, req_id in enumerate(req_ids):
             info = self._tracked(req_id)
             if info is None or starts[i] == starts[i + 1]:
@@ -180,6 +275,7 @@ class StepCapture(ModelHooks):
             plen = info.prompt_len
             if positions[starts[i + 1] - 1] >= plen - 1:  # not a partial prefill chunk
                 sampled_index[req_id] = positions[starts[i + 1] - 1] - plen + 1
+                dropping += sampled_index[req_id] == info.dropped_index
             f_rows, f_index, f_next = [], [], []
             for row in range(starts[i], starts[i + 1]):
                 pos = positions[row]
@@ -195,8 +291,14 @@ class StepCapture(ModelHooks):
             if f_rows:
                 forced_rows[req_id] = (torch.as_tensor(f_rows), f_index, f_next)
         all_response = len(rows) == len(positions)
+        tail = (
+            all_response
+            and dropping == len(req_ids)
+            and self._tail is not None
+            and self._tail.allows(positions)
+        )
         return _Layout(req_ids, sampled_index, torch.as_tensor(rows, dtype=torch.long),
-                       all_response, response_of, prompt_rows, forced_rows)  # fmt: skip
+                       all_response, response_of, prompt_rows, forced_rows, tail)  # fmt: skip
 
     def _make_layer_hook(self, index: int):  # type: ignore[no-untyped-def]
         neurons = self._neurons[index]
@@ -237,6 +339,8 @@ class StepCapture(ModelHooks):
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ):
         layout = self._layout
+        if layout is not None and layout.tail and self._tail is not None:
+            self._tail.end_forward()
         if layout is None or not isinstance(output, torch.Tensor):
             return
         with torch.no_grad():
@@ -252,12 +356,15 @@ class StepCapture(ModelHooks):
 
     def _on_sampler_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):  # type: ignore[no-untyped-def]
         logits = kwargs.get("logits", args[0] if args else None)
-        if self._layout is None or not isinstance(logits, torch.Tensor):
-            self._stats = None
-            return
+        layout = self._layout
+        self._stats = None
+        if layout is None or layout.tail or not isinstance(logits, torch.Tensor):
+            return  # a tail step's logits are `TailSkip`'s zeros: nothing to measure
+        started = time.perf_counter()
+        if self._tail is not None:
+            self._tail.vocab = logits.shape[-1]
         # before the sampler, which may modify its float32 input in place (temperature,
         # penalties): the log-probs are a new tensor, so the logits need no copy
-        started = time.perf_counter()
         self._stats = log_probs_and_entropy(logits)
         self._seconds += time.perf_counter() - started
 
@@ -265,13 +372,16 @@ class StepCapture(ModelHooks):
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ):
         layout, stats, self._stats, self._layout = self._layout, self._stats, None, None
-        if layout is None or stats is None:
+        if layout is None or (stats is None and not layout.tail):
             return
         started = time.perf_counter()
         with torch.no_grad():
             sampled = output.sampled_token_ids[:, 0].long()
-            logp, entropy = stats
-            logprob = logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+            if stats is None:  # a tail step: its samples are dropped unread
+                logprob = entropy = torch.full(sampled.shape, float("nan"))
+            else:
+                logp, entropy = stats
+                logprob = logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
             values = torch.stack([sampled.double(), logprob.double(), entropy.double()], 1)
             measured = self._measure(layout)
             rows, measured_rows = values.tolist(), measured.tolist() if measured is not None else []
@@ -283,7 +393,7 @@ class StepCapture(ModelHooks):
             self._record(req_id).setdefault("measured", []).append([index, *row])
         records, self._records = self._records, {}
         seconds, self._seconds = self._seconds + time.perf_counter() - started, 0.0
-        self.publish({"seconds": seconds, "requests": records})
+        self.publish({"seconds": seconds, "tail": layout.tail, "requests": records})
 
     def _measure(self, layout: _Layout) -> torch.Tensor | None:
         """`RiskScorer.measure` of this step's response rows ``[N, 1 + layers]``."""

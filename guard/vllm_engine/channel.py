@@ -99,6 +99,7 @@ class FrameReader:
         self._received: dict[str, Received] = {}
         self._seconds = 0.0
         self.merged = 0  # frames merged so far: one per vLLM step
+        self.tail_steps = 0  # of them, steps that skipped what the guard does not read
 
     def expect(self, req_id: str) -> Received:
         """Start keeping ``req_id``'s values (before its first step can run)."""
@@ -114,6 +115,7 @@ class FrameReader:
         while self._socket.poll(int(timeout_s * 1000) if merged == 0 else 0):
             frame = self._decoder.decode(self._socket.recv(copy=False))
             self._seconds += float(frame.get("seconds", 0.0))
+            self.tail_steps += bool(frame.get("tail", False))
             for req_id, values in frame.get("requests", {}).items():
                 received = self._received.get(req_id)
                 if received is not None:

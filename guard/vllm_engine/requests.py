@@ -67,7 +67,8 @@ def vllm_params(
     """vLLM's sampling parameters for ours: token ids in, deltas out, no detokenising
     (our `TextTracker` does stop strings), our end tokens stop it; ``ignore_eos`` masks
     them instead (as `guard.sampling.sample_next` does; statistics stay raw). The
-    ``extra_args`` ask the capture to measure the request (`measure_args`)."""
+    ``extra_args`` ask the capture to measure the request (`measure_args`) and tell it that
+    a generation's last sample is dropped (its step computes less: `TailSkip`)."""
     from vllm import SamplingParams as VLLMSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -75,7 +76,7 @@ def vllm_params(
         "n": 1, "max_tokens": 1 if forced else params.max_tokens + 1,
         "temperature": params.temperature, "top_p": params.top_p, "seed": params.seed,
         "detokenize": False, "output_kind": RequestOutputKind.DELTA,
-        "extra_args": measure_args(prompt_len, forced=forced),
+        "extra_args": measure_args(prompt_len, forced=forced, drops_last=not forced),
     }  # fmt: skip
     if params.ignore_eos:
         options.update(ignore_eos=True, logit_bias={i: -100.0 for i in sorted(end_ids)})

@@ -142,6 +142,58 @@ def test_greedy_answers_and_their_risks_match(engines: tuple[object, GuardedMode
         assert mine.risk == pytest.approx(forced.risk, abs=TOL)
 
 
+def _forced_length_prompt(
+    reference: GuardedModel, block: int, fills: bool
+) -> tuple[list[int], int]:
+    """A prompt and an answer length (2-16 tokens) whose last kept token does (``fills``)
+    or does not fill its KV block of ``block`` tokens."""
+    for pad in range(4 * block):
+        question = QUESTIONS[0] + " Thanks." * pad
+        prompt = reference.encode_chat(reference.prompt_recipe.messages(question))
+        for tokens in range(2, 17):
+            # the last kept token sits at position len(prompt) + tokens - 1
+            if ((len(prompt) + tokens) % block == 0) == fills:
+                return prompt, tokens
+    raise AssertionError(f"no prompt fits a block of {block}")
+
+
+@pytest.mark.parametrize("fills_block", [False, True], ids=["skips", "fills-its-block"])
+def test_a_last_step_alone_computes_only_what_the_guard_reads(
+    engines: tuple[object, GuardedModel], fills_block: bool
+) -> None:
+    """A generation's last vLLM step only feeds its last kept token (that step's sample is
+    dropped): alone in its step it stops the decoder stack after the last layer the guard
+    reads and computes no logits (`TailSkip`), unless that token fills its KV block, which
+    vLLM's prefix cache keeps. Either way the answer and its risks are the transformers
+    engine's, and so are those of a next turn that continues the conversation (its prompt
+    reuses the cached blocks, the last answer token's among them when it filled one). The
+    step count is what holds the block rule: with the rule removed, the next turn's risks
+    still matched within the tolerance here (one slot of a reused block)."""
+    engine, reference = engines
+    block = engine.llm.vllm_config.cache_config.block_size  # type: ignore[attr-defined]
+    prompt, tokens = _forced_length_prompt(reference, block, fills_block)
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+
+    async def one(ids: list[int]) -> GenerationResult:
+        async for item in engine.submit(ids, params).events():  # type: ignore[attr-defined]
+            if isinstance(item, GenerationResult):
+                return item
+        raise AssertionError("stream ended without a result")
+
+    frames = engine.frames  # type: ignore[attr-defined]
+    before = frames.tail_steps
+    mine = asyncio.run(one(prompt))
+    assert frames.tail_steps - before == (0 if fills_block else 1)
+    theirs = reference.generate(prompt, params)
+    assert mine.token_ids == theirs.token_ids and len(mine.token_ids) == tokens
+    assert mine.token_risks == pytest.approx(theirs.token_risks, abs=TOL)
+    _assert_same_verdict(mine, theirs)
+    turn = [*prompt, *mine.token_ids, *reference.encode_answer(" Thanks, and why?")]
+    ours, expected = asyncio.run(one(turn)), reference.generate(turn, params)
+    assert ours.token_ids == expected.token_ids
+    assert ours.token_risks == pytest.approx(expected.token_risks, abs=TOL)
+
+
 def test_cancelling_a_stream_aborts_its_vllm_request(engines: tuple[object, GuardedModel]) -> None:
     engine, reference = engines
     prompt = reference.encode_chat(reference.prompt_recipe.messages(QUESTIONS[0]))
