@@ -270,6 +270,7 @@ def attach(
     """Rewrite the probe at ``directory`` with the knowledge gate (and a retrained scope
     gate); every other file is kept byte for byte."""
     from guard.probe import (
+        FORMAT_VERSION,
         KNOWLEDGE_FILE,
         SCOPE_FILE,
         WEIGHTS_FILE,
@@ -293,7 +294,12 @@ def attach(
         if name not in (WEIGHTS_FILE, SCOPE_FILE, KNOWLEDGE_FILE)
     }
     manifest = probe.manifest.model_copy(
-        update={"files": {}, "scope": scope_recipe, "knowledge": recipe, "format_version": 3}
+        update={
+            "files": {},
+            "scope": scope_recipe,
+            "knowledge": recipe,
+            "format_version": FORMAT_VERSION,
+        }  # fmt: skip
     )
     return save_probe(directory, manifest, probe.weights, keep, scope=scope, knowledge=weights)
 

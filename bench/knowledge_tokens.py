@@ -14,6 +14,8 @@ score is the max over all its tokens, so no entity has to be found at serving ti
     python bench/knowledge_tokens.py --stage fit        # choose layer and C on validation;
                                                         # freeze the design and its line
     python bench/knowledge_tokens.py --stage heldout --set bench/data/madeup_heldout5.jsonl
+    python bench/knowledge_tokens.py --stage attach --probe guard/default_probe
+                                     # ship the frozen gate (report-only by default)
 
 Fit: the generator's seed-0 entities (short and long prompts) and real prompts (TriviaQA
 train questions as users type them, requests about TriviaQA train gold-answer names in
@@ -374,9 +376,45 @@ def heldout_stage(cache: Path, frozen: Path, path: Path, out: Path) -> dict[str,
     return report
 
 
+def attach_stage(frozen: Path, heldout: Path, directory: Path) -> str:
+    """Rewrite the probe at ``directory`` with the frozen v4 gate (every other file byte for
+    byte, `bench/knowledge_gate.py`'s `attach`); returns the manifest sha256 to pin."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from knowledge_gate import attach  # bench/ is on sys.path
+
+    from guard.probe import GateWeights, KnowledgeRecipe
+
+    design = json.loads(frozen.read_text())
+    read = json.loads(heldout.read_text())
+    with np.load(frozen.with_suffix(".npz")) as data:
+        weights = GateWeights(data["weights"].astype(np.float64), float(data["bias"]))
+        layer = int(data["layer"])
+    recipe = KnowledgeRecipe(
+        feature="residual_max_prompt_token",
+        layer=layer,
+        hidden_size=int(weights.weights.shape[0]),
+        flag=float(1 / (1 + np.exp(-design["line_logit"]))),
+        abstain=float(1 / (1 + np.exp(-design["abstain_logit"]))),
+        training={
+            "feature": f"residual stream after decoder layer {layer} at every prompt token; "
+            "prompt_risk = sigmoid(max over the prompt's tokens of the token logit)",
+            "labels": "1 = the last token of a word the generator coined for a made-up "
+            "entity (seed 0); 0 = every other token of every fit prompt",
+            "groups": design["fit_rows"],
+            "chosen": design["chosen"],
+            "flag_rule": design["line_rule"],
+            "abstain_rule": design["abstain_rule"],
+            "frozen": "bench/results/knowledge_v4_frozen.json",
+        },
+        evaluation={"validation": design["validation"], "heldout_set5": read["v4"]},
+    )
+    return attach(directory, recipe, weights, None, None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=("states", "fit", "heldout"), required=True)
+    parser.add_argument("--stage", choices=("states", "fit", "heldout", "attach"), required=True)
+    parser.add_argument("--probe", type=Path, help="the probe directory (--stage attach)")
     parser.add_argument("--cache", type=Path, default=ROOT / "work-knowledge-tokens")
     parser.add_argument(
         "--frozen", type=Path, default=ROOT / "bench/results/knowledge_v4_frozen.json"
@@ -392,6 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.stage == "fit":
         print(json.dumps(fit_stage(args.cache, args.frozen), indent=2)[:4000])
+        return 0
+    if args.stage == "attach":
+        if args.probe is None:
+            raise SystemExit("--stage attach needs --probe")
+        sha = attach_stage(args.frozen, args.out, args.probe)
+        print(f"manifest sha256 {sha}: pin it in guard/shipped.py")
         return 0
     import torch
 

@@ -9,8 +9,8 @@ that *predicted* it (docs/ARCHITECTURE.md, "Position").
     traces[0].cett[17]  # [response_len, k]
 
 `prompt_hidden` is the prompt-only pass the scope gate reads (``guard.scope``); the
-knowledge gate's input (``guard.knowledge``) comes from the same pass as the response
-(``knowledge_layer``).
+knowledge gate's prompt risk (``guard.knowledge``) comes from the same pass as the response
+(``knowledge``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from guard.knowledge import ResidualCapture
+from guard.knowledge import KnowledgeGate
 from guard.model import left_pad
 from guard.neurons import MLPLayer, NeuronCapture, NeuronSelection
 from guard.scope import FinalHiddenCapture
@@ -34,15 +34,15 @@ class TokenTrace:
 
     ``cett``: ``{layer: [response_len, k]}`` float32; ``logprobs``, ``entropies``:
     ``[response_len]`` float32; ``prompt_hidden``: the final hidden state at the last prompt
-    token ``[hidden]`` (when asked for: the scope gate's input); ``prompt_residual``: the
-    residual stream after the knowledge gate's layer there (when asked for).
+    token ``[hidden]`` (when asked for: the scope gate's input); ``prompt_risk``: the
+    knowledge gate's (when given one).
     """
 
     cett: dict[int, torch.Tensor]
     logprobs: torch.Tensor
     entropies: torch.Tensor
     prompt_hidden: torch.Tensor | None = None
-    prompt_residual: torch.Tensor | None = None
+    prompt_risk: float | None = None
 
     @property
     def length(self) -> int:
@@ -64,7 +64,7 @@ def teacher_force(
     *,
     layers: list[MLPLayer] | None = None,
     with_prompt_hidden: bool = False,
-    knowledge_layer: int | None = None,
+    knowledge: KnowledgeGate | None = None,
 ) -> list[TokenTrace]:
     """Measure each ``responses[i]`` as the continuation of ``prompts[i]`` in one pass.
 
@@ -84,11 +84,7 @@ def teacher_force(
     # vocabulary makes full logits the largest tensor of the pass): the last ``keep``.
     keep = max((len(r) for r in responses), default=0) + 1
     hidden_capture = FinalHiddenCapture(model) if with_prompt_hidden else contextlib.nullcontext()
-    residual_capture = (
-        ResidualCapture(model, knowledge_layer)
-        if knowledge_layer is not None
-        else contextlib.nullcontext()
-    )
+    residual_capture = knowledge.capture(model) if knowledge else contextlib.nullcontext()
     with (
         torch.inference_mode(),
         NeuronCapture(model, neurons, layers=layers) as capture,
@@ -109,10 +105,17 @@ def teacher_force(
             # ``keep - len(r) - 1`` in it
             prompt_ends = torch.as_tensor([keep - len(r) - 1 for r in responses])
             prompt_states = hidden.take(prompt_ends).cpu()
-        residuals = None
-        if residual is not None:  # every position: the prompt's last is before the response
-            last = torch.as_tensor([width - len(r) - 1 for r in responses])
-            residuals = residual.take(last).cpu()
+        prompt_risks: list[float | None] = [None] * len(responses)
+        if knowledge is not None and residual is not None:
+            # every position: a row's prompt is its columns before the response
+            lengths = torch.as_tensor([width - len(r) for r in responses], device=device)
+            states = residual.take_all()
+            if knowledge.pooled:
+                before = torch.arange(width, device=device) < lengths[:, None]
+                prompt_risks = list(knowledge.prompt_risks(states, attention_mask * before))
+            else:  # the prompt's last token only
+                last = states[torch.arange(len(responses), device=device), lengths - 1]
+                prompt_risks = list(knowledge.risks(last))
     traces = []
     for row, response in enumerate(responses):
         start = width - len(response)  # first response position (left padding)
@@ -129,7 +132,7 @@ def teacher_force(
                 logprobs=lp.cpu(),
                 entropies=ent.cpu(),
                 prompt_hidden=prompt_states[row] if prompt_states is not None else None,
-                prompt_residual=residuals[row] if residuals is not None else None,
+                prompt_risk=prompt_risks[row],
             )
         )
     return traces

@@ -238,13 +238,12 @@ class GuardedModel:
             scorer.neuron_selection(),
             layers=self._engine.mlp_layers,
             with_prompt_hidden=self.scope_gate is not None,
-            knowledge_layer=self.knowledge_gate.layer if self.knowledge_gate else None,
+            knowledge=self.knowledge_gate,
         )[0]
-        scope = prompt_risk = None
+        scope = None
         if self.scope_gate is not None and trace.prompt_hidden is not None:
             scope = self.scope_gate.judge(trace.prompt_hidden[None])[0]
-        if self.knowledge_gate is not None and trace.prompt_residual is not None:
-            prompt_risk = self.knowledge_gate.risks(trace.prompt_residual[None])[0]
+        prompt_risk = trace.prompt_risk
         measured = scorer.measure(scorer.flatten(trace.cett))  # [tokens, 1 + layers]
         forced = (measured, trace.logprobs.numpy(), trace.entropies.numpy())
         return judge_answer(self._engine, response_ids, forced, scope, prompt_risk)

@@ -4,17 +4,20 @@ A made-up biography is fluent: its tokens look like any other answer's, so a ris
 over them dilutes (issue 11). Whether the model knows the entity it is asked about is
 readable earlier, from the prompt alone (Ferrando et al. 2025, "Do I Know This Entity?";
 cf. Kadavath et al. 2022, "P(IK)"): a logistic regression on the residual stream after one
-middle decoder layer at the last prompt token gives ``prompt_risk``, the probability that
-the prompt asks about something the model has never seen. It is known before the first
-answer token, so the policy may abstain without generating (`guard.policy`), and it costs
-one dot product per request: the prefill computes that state anyway. Trained offline
-(`probes.knowledge`) and stored in the artifact (``knowledge.npz``, the manifest's
+middle decoder layer gives ``prompt_risk``, the probability that the prompt asks about
+something the model has never seen. Two features (the recipe's ``feature``): the state at
+the last prompt token (v2), or a token-level probe's logit at every prompt token, max-pooled
+(v4: fitted on the coined words of made-up names, so an unknown name counts wherever it
+sits, whatever wording follows it). It is known before the first answer token, so the
+policy may abstain without generating (`guard.policy`), and it costs one dot product per
+prompt token: the prefill computes that state anyway. Trained offline (`probes.knowledge`,
+`bench/knowledge_tokens.py`) and stored in the artifact (``knowledge.npz``, the manifest's
 ``knowledge`` recipe with its flag and abstain thresholds).
 
     gate = KnowledgeGate.from_probe(probe, model)      # None when the probe has none
     with gate.capture(model) as residual:
-        model(input_ids, logits_to_keep=1)
-    risks = gate.risks(residual.take())               # one prompt_risk per row
+        model(input_ids, attention_mask=mask)
+    risks = gate.prompt_risks(residual.take_all(), mask)   # one prompt_risk per row
 """
 
 from __future__ import annotations
@@ -59,14 +62,24 @@ class ResidualCapture(PositionCapture):
             raise CaptureError(f"{type(module).__name__} returned no hidden-state tensor")
         self._keep(hidden)
 
+    def take_all(self) -> torch.Tensor:
+        """The newest pass's states at every position, ``[batch, seq, hidden]`` float32."""
+        hidden, self._hidden = self._hidden, None
+        if hidden is None:
+            raise CaptureError(self._missing)
+        return hidden.float()
+
 
 class KnowledgeGate:
     """A probe's knowledge gate: residual states in, ``prompt_risk`` per row out."""
 
-    def __init__(self, weights: torch.Tensor, bias: float, layer: int) -> None:
+    def __init__(
+        self, weights: torch.Tensor, bias: float, layer: int, *, pooled: bool = False
+    ) -> None:
         self.weights = weights.float()
         self.bias = float(bias)
         self.layer = int(layer)
+        self.pooled = pooled  # max over every prompt token's logit (else: the last token's)
         # each model's block, found once (every prompt pass captures)
         self._blocks: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 
@@ -77,7 +90,8 @@ class KnowledgeGate:
         if recipe is None or weights is None:
             return None
         check_gate_width(probe, "knowledge", recipe.hidden_size, hidden_size)
-        return cls(torch.as_tensor(weights.weights), weights.bias, recipe.layer)
+        pooled = recipe.feature == "residual_max_prompt_token"
+        return cls(torch.as_tensor(weights.weights), weights.bias, recipe.layer, pooled=pooled)
 
     def capture(self, model: nn.Module) -> ResidualCapture:
         block = self._blocks.get(model)
@@ -85,7 +99,34 @@ class KnowledgeGate:
             block = self._blocks[model] = decoder_block(model, self.layer)
         return ResidualCapture(model, self.layer, block=block)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The gate's logit ``w . x + b`` of every state in ``hidden`` ``[..., hidden]``."""
+        return hidden.float() @ self.weights.to(hidden.device) + self.bias
+
     def risks(self, hidden: torch.Tensor) -> list[float]:
-        """``prompt_risk`` per row of ``hidden`` ``[batch, hidden]``."""
-        logits = hidden.float() @ self.weights.to(hidden.device) + self.bias
-        return [float(p) for p in torch.sigmoid(logits).tolist()]
+        """``prompt_risk`` per row of ``hidden`` ``[batch, hidden]``: for the last-token
+        feature, those states; for the pooled one, each row's state already chosen."""
+        return risks_of(self.logits(hidden))
+
+    def prompt_logits(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Each prompt's logit from its states ``[batch, seq, hidden]`` (``mask``: 1 where a
+        position holds a prompt token; left padding): the last position's, or for the
+        pooled feature the max over the masked positions."""
+        if not self.pooled:
+            return self.logits(hidden[:, -1])
+        return masked_max(self.logits(hidden), mask)
+
+    def prompt_risks(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> list[float]:
+        return risks_of(self.prompt_logits(hidden, mask))
+
+
+def masked_max(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Each row's max of ``logits`` ``[batch, seq]`` over the positions ``mask`` keeps."""
+    if mask is not None:
+        logits = logits.masked_fill(mask.to(logits.device) == 0, float("-inf"))
+    return logits.max(dim=-1).values
+
+
+def risks_of(logits: torch.Tensor) -> list[float]:
+    """``prompt_risk`` per gate logit."""
+    return [float(p) for p in torch.sigmoid(logits.double()).tolist()]

@@ -45,6 +45,7 @@ from transformers.cache_utils import DynamicLayer
 
 from guard.forcing import position_ids_for
 from guard.hooks import Hook, ModelHooks
+from guard.knowledge import masked_max
 from guard.model import left_pad
 
 
@@ -137,10 +138,13 @@ def merge(first: KVBatch, second: KVBatch) -> KVBatch:
 class Prefix:
     """A prompt's keys and values, kept so that later prompts beginning with the same tokens
     (a chat template's system prompt) skip that part of their prefill: ``tokens`` and per
-    layer ``(keys, values)`` ``[1, heads, len(tokens), head_dim]``, positions from 0."""
+    layer ``(keys, values)`` ``[1, heads, len(tokens), head_dim]``, positions from 0; and,
+    for a max-pooled knowledge gate, its logit at each of those tokens ``[len(tokens)]``
+    (the prompts that reuse them pool over them too)."""
 
     tokens: tuple[int, ...]
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    gate: torch.Tensor | None = None
 
     def shared(self, prompt: Sequence[int]) -> int:
         """How many leading tokens of ``prompt`` this holds, leaving at least one to feed
@@ -159,13 +163,17 @@ class PromptBatch:
     Without a prefix the prompts are left-padded. With a `Prefix`, row ``i`` is laid out
     ``[its shared tokens | padding | the rest]``: the first ``max(shared)`` columns come
     from the prefix's cache (rows sharing fewer tokens mask the remainder), the rest is fed,
-    right-aligned. Positions skip the padding, so every token sits where it would alone."""
+    right-aligned. Positions skip the padding, so every token sits where it would alone.
+
+    ``gate``: a max-pooled knowledge gate's logit per column ``[rows, width]``, kept as the
+    columns are fed (`keep_gate`; the prefix's columns come with it), -inf where unknown."""
 
     ids: torch.Tensor
     mask: torch.Tensor
     positions: torch.Tensor
     cache: DynamicCache = field(default_factory=DynamicCache)
     fed: int = 0
+    gate: torch.Tensor | None = None
 
     @classmethod
     def of(
@@ -192,7 +200,10 @@ class PromptBatch:
             (k[..., :head, :].expand(rows, -1, -1, -1), v[..., :head, :].expand(rows, -1, -1, -1))
             for k, v in prefix.layers
         )
-        return cls(ids, mask, position_ids_for(mask), cache, fed=head)
+        batch = cls(ids, mask, position_ids_for(mask), cache, fed=head)
+        if prefix.gate is not None:
+            batch.keep_gate(0, prefix.gate[:head].to(device).expand(rows, head))
+        return batch
 
     @property
     def width(self) -> int:
@@ -219,6 +230,18 @@ class PromptBatch:
         logits = _lm_logits(model, kwargs)  # one position per row: the head costs little
         return logits if self.fed == self.width else None
 
+    def keep_gate(self, start: int, logits: torch.Tensor) -> None:
+        """Keep the gate's logits ``[rows, n]`` of columns ``start .. start + n``."""
+        if self.gate is None:
+            self.gate = torch.full(self.ids.shape, float("-inf"), device=logits.device)
+        self.gate[:, start : start + logits.shape[1]] = logits.float()
+
+    def gate_max(self) -> torch.Tensor:
+        """Each row's max gate logit over its prompt's tokens ``[rows]``."""
+        if self.gate is None:
+            raise RuntimeError("no gate logits were kept for these prompts")
+        return masked_max(self.gate, self.mask)
+
     def select(self, keep: Sequence[int]) -> None:
         """Keep only the rows ``keep``."""
         index = torch.as_tensor(list(keep), dtype=torch.long, device=self.ids.device)
@@ -226,6 +249,8 @@ class PromptBatch:
             self.cache.batch_select_indices(index)
         self.ids, self.mask = self.ids[index], self.mask[index]
         self.positions = self.positions[index]
+        if self.gate is not None:
+            self.gate = self.gate[index]
 
     def prefix(self, row: int) -> Prefix:
         """Row ``row``'s complete prompt as a `Prefix` for later prompts (copied out)."""
@@ -234,7 +259,8 @@ class PromptBatch:
             (k[row : row + 1].index_select(-2, columns), v[row : row + 1].index_select(-2, columns))
             for k, v in _layers(self.state())
         )
-        return Prefix(tuple(int(i) for i in self.ids[row, columns].tolist()), layers)
+        gate = None if self.gate is None else self.gate[row].index_select(0, columns)
+        return Prefix(tuple(int(i) for i in self.ids[row, columns].tolist()), layers, gate)
 
     def state(self) -> KVBatch:
         """The complete prompts' model state, ready to decode or to merge into a batch."""

@@ -57,6 +57,7 @@ import torch
 # The row's state and its scoring belong to guard.decoding; the batch drives the rows.
 from guard.decoding import DecodeEngine, DecodeRow, GenerationRequest, StepInfo, _make_row
 from guard.errors import InvalidRequestError
+from guard.knowledge import risks_of
 from guard.kvbatch import KVBatch, Prefix, PromptBatch, merge
 from guard.neurons import NeuronCapture
 from guard.sampling import sample_next
@@ -263,20 +264,29 @@ class LiveBatch:
         """Feed the group's next ``columns``; its last prompt positions' logits once
         complete. The scope gate reads the final hidden state of that last pass, the
         knowledge gate the residual stream after its layer (every row's last column is
-        its last prompt token: the prompts are left-padded)."""
+        its last prompt token: the prompts are left-padded); a max-pooled knowledge gate
+        reads every pass's columns (`PromptBatch.keep_gate`, a reused prefix's included)."""
+        prompts = group.prompts
         scope, knowledge = self.engine.scope_gate, self.engine.knowledge_gate
-        if (scope is None and knowledge is None) or not group.prompts.completes(columns):
-            return group.prompts.feed(self.model, columns)
+        complete = prompts.completes(columns)
+        pooled = knowledge is not None and knowledge.pooled
+        if not (complete and (scope or knowledge)) and not pooled:
+            return prompts.feed(self.model, columns)
+        start = prompts.fed
         with contextlib.ExitStack() as stack:
             hidden = stack.enter_context(FinalHiddenCapture(self.model)) if scope else None
             residual = stack.enter_context(knowledge.capture(self.model)) if knowledge else None
-            logits = group.prompts.feed(self.model, columns)
-        if scope is not None and hidden is not None:
+            logits = prompts.feed(self.model, columns)
+        if knowledge is not None and residual is not None:
+            if pooled:
+                prompts.keep_gate(start, knowledge.logits(residual.take_all()))
+            if complete:
+                risks = risks_of(prompts.gate_max()) if pooled else knowledge.risks(residual.take())
+                for row, risk in zip(group.rows, risks, strict=True):
+                    row.prompt_risk = risk
+        if complete and scope is not None and hidden is not None:
             for row, verdict in zip(group.rows, scope.judge(hidden.take()), strict=True):
                 row.scope = verdict
-        if knowledge is not None and residual is not None:
-            for row, risk in zip(group.rows, knowledge.risks(residual.take()), strict=True):
-                row.prompt_risk = risk
         return logits
 
     def _decode(self) -> tuple[int, float]:

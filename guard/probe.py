@@ -37,8 +37,9 @@ from guard.prompts import PromptRecipe
 from guard.shipped import DEFAULT_PROBE_NAME, SHIPPED_PROBES, shipped_probe
 
 # 2 added the optional scope gate (`scope` in the manifest, scope.npz); 3 the optional
-# knowledge gate (`knowledge`, knowledge.npz). Older formats still load.
-FORMAT_VERSION = 3
+# knowledge gate (`knowledge`, knowledge.npz); 4 its max-pooled feature
+# (``residual_max_prompt_token``). Older formats still load.
+FORMAT_VERSION = 4
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.npz"
 SCOPE_FILE = "scope.npz"
@@ -153,15 +154,21 @@ class ScopeRecipe(_Strict):
     evaluation: dict[str, Any] = Field(default_factory=dict)
 
 
-class KnowledgeRecipe(_Strict):
-    """The knowledge gate: ``prompt_risk = sigmoid(w . x + b)``, the probability that the
-    prompt asks about something the model does not know (an entity it has never seen), on
-    the residual stream ``x`` after decoder layer ``layer`` (0-based) at the last prompt
-    token: known before the first answer token. ``flag``/``abstain`` are thresholds on it,
-    applied like the answer's (only to prompts the scope gate judges). Weights live in
-    ``knowledge.npz``."""
+KnowledgeFeature = Literal["residual_last_prompt_token", "residual_max_prompt_token"]
 
-    feature: Literal["residual_last_prompt_token"] = "residual_last_prompt_token"
+
+class KnowledgeRecipe(_Strict):
+    """The knowledge gate: ``prompt_risk``, the probability that the prompt asks about
+    something the model does not know (an entity it has never seen), from the residual
+    stream ``x`` after decoder layer ``layer`` (0-based): known before the first answer
+    token. ``feature`` says where it is read: ``residual_last_prompt_token``,
+    ``sigmoid(w . x + b)`` at the last prompt token; ``residual_max_prompt_token``,
+    ``sigmoid(max over every prompt token t of w . x_t + b)`` (a token-level probe, so an
+    unknown name anywhere in the prompt counts whatever wording follows it).
+    ``flag``/``abstain`` are thresholds on it, applied like the answer's (only to prompts the
+    scope gate judges). Weights live in ``knowledge.npz``."""
+
+    feature: KnowledgeFeature = "residual_last_prompt_token"
     layer: int = Field(ge=0)
     hidden_size: int = Field(ge=1)
     flag: float = Field(ge=0.0, le=1.0)

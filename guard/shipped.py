@@ -42,7 +42,7 @@ class ShippedProbe:
 _SMOLLM2 = ShippedProbe(
     name="smollm2-135m-triviaqa",
     directory=PACKAGE_DIR / "default_probe",
-    sha256="2aeec5d5a086481cc28ea293e32fb328880a231cff1322cd791970099a3d1347",
+    sha256="235850fb9a2cc6aaaaedd658f9f977c52d1b602332b5469cc2bfe06eb5be725e",
 )
 _GEMMA3 = ShippedProbe(
     name="gemma3-270m-triviaqa",

@@ -13,7 +13,10 @@ batch (``input_batch.req_ids``). `StepCapture` hooks (through `guard.hooks.Model
   and ``||h||`` on the response rows only (no full-width copy leaves the hook);
 - the knowledge gate's decoder layer: the residual stream after it at the last prompt row
   (vLLM's decoder layers return ``(hidden, residual)`` and leave the residual add to the
-  next layer's norm, so the stream is their sum: what transformers' block returns);
+  next layer's norm, so the stream is their sum: what transformers' block returns); for a
+  max-pooled gate, its logit at every prompt row, kept per request across prefill chunks,
+  the max sent with the last prompt row (vLLM's prefix cache is off for such a gate:
+  `build_llm`);
 - the model's forward hook: the final hidden state at the last prompt row, and for
   teacher-forced requests the full-vocabulary logits at the rows that predict answer tokens;
 - the sampler's pre-hook (the raw logits it samples from, one row per request: their
@@ -39,8 +42,9 @@ would trace these host reads into graph breaks (`guard.vllm_engine.engine` force
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,12 +52,15 @@ from torch import nn
 
 from guard.errors import CaptureError
 from guard.hooks import Hook, ModelHooks
-from guard.knowledge import decoder_block
+from guard.knowledge import KnowledgeGate, decoder_block
 from guard.neurons import cett_from_parts, find_mlp_layers, floor_norms, output_norms
 from guard.scoring import RiskScorer, log_probs_and_entropy, logit_statistics
 from guard.vllm_engine.channel import Frame
 
 EXTRA_ARGS_KEY = "hguard"  # SamplingParams.extra_args[EXTRA_ARGS_KEY]: what to measure
+# Requests whose prompt is part-way through prefill, each with its pooled gate's running
+# max; the oldest are dropped beyond this (requests aborted mid-prefill never finish it).
+MAX_POOLING_REQUESTS = 4096
 
 
 def measure_args(
@@ -90,6 +97,8 @@ class _Layout:
     prompt_rows: dict[str, int]  # request -> row of its last prompt token
     forced_rows: dict[str, tuple[torch.Tensor, list[int], list[int]]]  # rows, indices, next ids
     tail: bool = False  # every request feeds its last kept token, samples only a dropped one
+    # per request with prompt rows in this step: (first row, end row, first position)
+    prompt_spans: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
 class TailSkip:
@@ -181,8 +190,11 @@ class StepCapture(ModelHooks):
         scorer: RiskScorer | None,
         knowledge_layer: int | None,
         publish: Callable[[Frame], None],
+        pooled: KnowledgeGate | None = None,
     ) -> None:
         self.runner = runner
+        self._pooled = pooled  # a max-pooled knowledge gate (on ``knowledge_layer``)
+        self._gate_max: OrderedDict[str, float] = OrderedDict()  # its running max per request
         self.model: Any = runner.get_model()  # vLLM's model: compute_logits, config
         self.scorer = scorer
         self.publish = publish
@@ -267,6 +279,7 @@ class StepCapture(ModelHooks):
         response_of: list[tuple[str, int]] = []
         prompt_rows: dict[str, int] = {}
         forced_rows: dict[str, tuple[torch.Tensor, list[int], list[int]]] = {}
+        prompt_spans: dict[str, tuple[int, int, int]] = {}
         dropping = 0  # requests whose sample this step is one the engine drops
         for i, req_id in enumerate(req_ids):
             info = self._tracked(req_id)
@@ -290,6 +303,9 @@ class StepCapture(ModelHooks):
                     f_next.append(info.forced_ids[pos + 1])
             if f_rows:
                 forced_rows[req_id] = (torch.as_tensor(f_rows), f_index, f_next)
+            if self._pooled is not None and positions[starts[i]] < plen:  # prompt rows first
+                end = starts[i] + min(starts[i + 1] - starts[i], plen - positions[starts[i]])
+                prompt_spans[req_id] = (starts[i], end, positions[starts[i]])
         all_response = len(rows) == len(positions)
         tail = (
             all_response
@@ -298,7 +314,8 @@ class StepCapture(ModelHooks):
             and self._tail.allows(positions)
         )
         return _Layout(req_ids, sampled_index, torch.as_tensor(rows, dtype=torch.long),
-                       all_response, response_of, prompt_rows, forced_rows, tail)  # fmt: skip
+                       all_response, response_of, prompt_rows, forced_rows, tail,
+                       prompt_spans)  # fmt: skip
 
     def _make_layer_hook(self, index: int):  # type: ignore[no-untyped-def]
         neurons = self._neurons[index]
@@ -319,7 +336,7 @@ class StepCapture(ModelHooks):
 
     def _on_knowledge_block(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         layout = self._layout
-        if layout is None or not layout.prompt_rows:
+        if layout is None or not (layout.prompt_spans if self._pooled else layout.prompt_rows):
             return
         parts = [output] if isinstance(output, torch.Tensor) else list(output)
         if not 1 <= len(parts) <= 2 or not all(isinstance(p, torch.Tensor) for p in parts):
@@ -328,12 +345,41 @@ class StepCapture(ModelHooks):
                 "state (and residual) the knowledge gate reads"
             )
         with torch.no_grad():
+            if self._pooled is not None:
+                self._pool_prompt_rows(layout, parts, self._pooled)
+                return
             rows = torch.as_tensor(list(layout.prompt_rows.values()), device=parts[0].device)
-            stream = parts[0].index_select(0, rows).float()
-            for part in parts[1:]:  # the residual, not yet added
-                stream = stream + part.index_select(0, rows).float()
+            stream = _residual_stream(parts, rows)
             for req_id, state in zip(layout.prompt_rows, stream.tolist(), strict=True):
                 self._record(req_id)["residual"] = state
+
+    def _pool_prompt_rows(
+        self, layout: _Layout, parts: list[torch.Tensor], gate: KnowledgeGate
+    ) -> None:
+        """The pooled gate's logit at this step's prompt rows, into each request's running
+        max; a request whose last prompt row this is gets the max in its record."""
+        spans = layout.prompt_spans
+        rows = torch.cat([torch.arange(a, b) for a, b, _ in spans.values()]).to(parts[0].device)
+        logits = gate.logits(_residual_stream(parts, rows)).tolist()
+        offset = 0
+        for req_id, (first, end, position) in spans.items():
+            best = max(logits[offset : offset + end - first])
+            offset += end - first
+            if position > 0:  # a later chunk: the earlier ones' max must be here
+                if req_id not in self._gate_max:
+                    raise CaptureError(
+                        f"{req_id}'s prompt starts at position {position} in this step: "
+                        "the pooled knowledge gate missed its first tokens (prefix cache?)"
+                    )
+                best = max(best, self._gate_max[req_id])
+            if req_id in layout.prompt_rows:
+                self._gate_max.pop(req_id, None)
+                self._record(req_id)["prompt_logit"] = best
+                continue
+            self._gate_max[req_id] = best
+            self._gate_max.move_to_end(req_id)
+            while len(self._gate_max) > MAX_POOLING_REQUESTS:  # requests gone mid-prefill
+                self._gate_max.popitem(last=False)
 
     def _on_model_output(  # type: ignore[no-untyped-def]
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -408,6 +454,15 @@ class StepCapture(ModelHooks):
         self._parts = {}
         cett = cett_from_parts(z, norms.index_select(-1, self._slot), self._scale)
         return scorer.measure(cett).double()
+
+
+def _residual_stream(parts: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """The residual stream at ``rows`` from a decoder layer's outputs: the hidden state plus
+    the residual vLLM has not added yet (when the layer returns it) ``[rows, hidden]``."""
+    stream = parts[0].index_select(0, rows).float()
+    for part in parts[1:]:
+        stream = stream + part.index_select(0, rows).float()
+    return stream
 
 
 def _query_start_loc(runner: Any, num_reqs: int) -> list[int]:

@@ -41,13 +41,15 @@ class Received:
     ``sampled[k]``: (token id, log-prob, entropy) of response token ``k``, from the step
     that sampled it; ``measured[k]``: `RiskScorer.measure` row of response token ``k``,
     from the step that fed it; ``forced[k]``: (log-prob, entropy) of a teacher-forced answer
-    token; ``hidden`` / ``residual``: the gates' inputs at the last prompt token."""
+    token; ``hidden`` / ``residual``: the gates' inputs at the last prompt token;
+    ``prompt_logit``: a max-pooled knowledge gate's logit, the max over every prompt token."""
 
     sampled: dict[int, tuple[int, float, float]] = field(default_factory=dict)
     measured: dict[int, list[float]] = field(default_factory=dict)
     forced: dict[int, tuple[float, float]] = field(default_factory=dict)
     hidden: list[float] | None = None
     residual: list[float] | None = None
+    prompt_logit: float | None = None
 
     def has_token(self, index: int, fed: int | None) -> bool:
         """Whether token ``index``'s sample has arrived, and the measure of token ``fed``
@@ -67,6 +69,8 @@ class Received:
             self.hidden = values["hidden"]
         if "residual" in values:
             self.residual = values["residual"]
+        if "prompt_logit" in values:
+            self.prompt_logit = float(values["prompt_logit"])
 
 
 class FramePublisher:

@@ -65,10 +65,14 @@ class VLLMContext:
     end_ids: frozenset[int]
 
 
-def build_llm(directory: Path, settings: GuardSettings, **overrides: Any) -> Any:
+def build_llm(
+    directory: Path, settings: GuardSettings, *, every_prompt_token: bool = False, **overrides: Any
+) -> Any:
     """vLLM's `LLMEngine` on an exported float32 directory with the guard's worker
     extension: eager (the hooks must run: no CUDA graphs, no torch.compile), synchronous
-    scheduling, our own tokenisation; in this process or vLLM's own layout."""
+    scheduling, our own tokenisation; in this process or vLLM's own layout.
+    ``every_prompt_token``: the capture reads every prompt token (a max-pooled knowledge
+    gate), so no prompt may take its first tokens from vLLM's prefix cache."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if settings.vllm_multiprocess else "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm.engine.arg_utils import EngineArgs
@@ -80,7 +84,14 @@ def build_llm(directory: Path, settings: GuardSettings, **overrides: Any) -> Any
         "max_model_len": settings.max_prompt_tokens + settings.max_new_tokens + 1,
         "skip_tokenizer_init": True, "worker_extension_cls": EXTENSION,
     }  # fmt: skip
+    if every_prompt_token:
+        options["enable_prefix_caching"] = False
     options.update(overrides)
+    if every_prompt_token and options["enable_prefix_caching"]:
+        raise GuardError(
+            "the probe's knowledge gate reads every prompt token: vLLM's prefix caching "
+            "would skip the cached ones (enable_prefix_caching must stay off)"
+        )
     if not options["enforce_eager"]:
         raise GuardError(
             "the vLLM engine needs enforce_eager: CUDA graphs replay without running the "
@@ -107,7 +118,9 @@ class VLLMEngine:
         generation = GenerationConfig.from_pretrained(directory, local_files_only=True)
         recorded = exported_fingerprint(directory)
         self._model_id = self._name(directory, spec)
-        self.llm = build_llm(directory, settings, **llm_options)
+        recipe = probe.manifest.knowledge if probe is not None else None
+        pooled = recipe is not None and recipe.feature == "residual_max_prompt_token"
+        self.llm = build_llm(directory, settings, every_prompt_token=pooled, **llm_options)
         fingerprint = ModelFingerprint.model_validate(
             self.llm.collective_rpc("hguard_fingerprint")[0]
         )

@@ -26,7 +26,7 @@ from guard.batching import Ticket
 from guard.decoding import DecodeRow, RowContext, TextTracker
 from guard.errors import CaptureError
 from guard.generation import judge_answer
-from guard.knowledge import KnowledgeGate
+from guard.knowledge import KnowledgeGate, risks_of
 from guard.results import ScopeVerdict, ScoreResult
 from guard.sampling import SamplingParams
 from guard.scope import ScopeGate
@@ -43,18 +43,23 @@ class PromptGates:
 
     def ready(self, got: Received) -> bool:
         """Whether the inputs of every gate there is have arrived."""
+        knowledge = self.knowledge
         return (self.scope is None or got.hidden is not None) and (
-            self.knowledge is None or got.residual is not None
+            knowledge is None
+            or (got.prompt_logit if knowledge.pooled else got.residual) is not None
         )
 
     def judge(self, got: Received) -> tuple[ScopeVerdict | None, float | None]:
-        """(scope verdict, prompt risk) from the inputs at the prompt's last token."""
+        """(scope verdict, prompt risk) from the inputs at the prompt's last token (a
+        max-pooled knowledge gate: the worker's max over every prompt token)."""
         scope = None
         if self.scope is not None and got.hidden is not None:
             scope = self.scope.judge(torch.tensor([got.hidden]))[0]
-        risk = None
-        if self.knowledge is not None and got.residual is not None:
-            risk = self.knowledge.risks(torch.tensor([got.residual]))[0]
+        risk, knowledge = None, self.knowledge
+        if knowledge is not None and knowledge.pooled and got.prompt_logit is not None:
+            risk = risks_of(torch.tensor([got.prompt_logit]))[0]
+        elif knowledge is not None and got.residual is not None:
+            risk = knowledge.risks(torch.tensor([got.residual]))[0]
         return scope, risk
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from guard.knowledge import KnowledgeGate
 from guard.model import fingerprint_model
 from guard.neurons import find_mlp_layers
 from guard.probe import load_probe
@@ -72,11 +73,15 @@ class GuardExtension:
         """Hook the capture into this worker's model (``probe_dir`` None: unguarded, the
         gates' inputs only) and publish to ``address``."""
         self.hguard_uninstall()
-        scorer = None
+        scorer = pooled = None
         if probe_dir is not None:
-            scorer = RiskScorer(load_probe(probe_dir, expected_sha256=probe_sha256))
+            probe = load_probe(probe_dir, expected_sha256=probe_sha256)
+            scorer = RiskScorer(probe)
+            hidden = int(self.model_runner.get_model().config.hidden_size)
+            gate = KnowledgeGate.from_probe(probe, hidden)
+            pooled = gate if gate is not None and gate.pooled else None
         publisher = FramePublisher(address)
-        capture = StepCapture(self.model_runner, scorer, knowledge_layer, publisher)
+        capture = StepCapture(self.model_runner, scorer, knowledge_layer, publisher, pooled)
         capture.__enter__()
         self._hguard: tuple[StepCapture, FramePublisher] | None = (capture, publisher)
         self._hguard_drop_restored()

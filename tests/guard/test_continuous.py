@@ -48,7 +48,12 @@ def _guarded(kind: str, directory: Path, **probe: object) -> GuardedModel:
     tokenizer = byte_tokenizer()
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)  # padding must embed
     loaded = LoadedModel(model, tokenizer, fingerprint_model(model), f"tiny-{kind}", "tiny")
-    settings = {"scope_bias": 0.0, **probe}  # gate: mixed verdicts
+    # gates: mixed scope verdicts; a knowledge gate pooled over every prompt token, so
+    # that chunks and reused prefixes must give it every token
+    settings = {
+        "scope_bias": 0.0, "knowledge_bias": 0.0,
+        "knowledge_feature": "residual_max_prompt_token", **probe,
+    }  # fmt: skip
     path = write_probe(directory, loaded, **settings)  # type: ignore[arg-type]
     return GuardedModel(loaded, load_probe(path))
 
@@ -87,6 +92,8 @@ def assert_same(got: GenerationResult | None, want: GenerationResult) -> None:
         assert got.layers[layer] == pytest.approx(share, abs=1e-4)
     assert got.scope is not None and want.scope is not None
     assert got.scope.score == pytest.approx(want.scope.score, abs=1e-4)
+    assert got.prompt_risk is not None and want.prompt_risk is not None
+    assert got.prompt_risk == pytest.approx(want.prompt_risk, abs=1e-4)
 
 
 def _request(prompt: int, sink: Sink, max_tokens: int) -> GenerationRequest:

@@ -17,7 +17,7 @@ from guard.generation import CollectingSink, GuardedModel
 from guard.knowledge import KnowledgeGate, ResidualCapture
 from guard.model import LoadedModel
 from guard.policy import Decision, Policy
-from guard.probe import KNOWLEDGE_FILE, SCOPE_FILE, load_probe
+from guard.probe import FORMAT_VERSION, KNOWLEDGE_FILE, SCOPE_FILE, load_probe
 from guard.results import ScopeVerdict
 from guard.scope import FinalHiddenCapture
 from probes.knowledge import fit_knowledge_gate, line_for, residual_states
@@ -59,11 +59,11 @@ def test_position_captures_read_their_state(kind: str, capture: str) -> None:
 def test_gate_artifact_round_trip_and_refusals(
     loaded: LoadedModel, tmp_path: Path, gate: str, file: str
 ) -> None:
-    """Either gate's weights: written with their recipe (format 3), refused when tampered
-    with or when the manifest does not list them."""
+    """Either gate's weights: written with their recipe (the current format), refused when
+    tampered with or when the manifest does not list them."""
     directory = write_probe(tmp_path / "probe", loaded, **{f"{gate}_bias": 1.5})
     probe = load_probe(directory)
-    assert probe.manifest.format_version == 3 and file in probe.manifest.files
+    assert probe.manifest.format_version == FORMAT_VERSION and file in probe.manifest.files
     assert getattr(probe.manifest, gate) is not None and getattr(probe, gate).bias == 1.5
     data = dict(np.load(directory / file))
     np.savez(directory / file, weights=data["weights"] * 2, bias=data["bias"])
@@ -84,12 +84,31 @@ def test_gate_for_another_hidden_size_is_refused(loaded: LoadedModel, tmp_path: 
         KnowledgeGate.from_probe(probe, 999)
 
 
+def _offline_risks(
+    loaded: LoadedModel, gate: KnowledgeGate, prompts: list[list[int]]
+) -> list[float]:
+    """The gate's prompt risks, one unpadded prompt at a time (the block's output is the
+    residual stream: `test_position_captures_read_their_state`): the last token's state's,
+    or the max of the token logits over every position."""
+    risks = []
+    for prompt in prompts:
+        with torch.no_grad(), ResidualCapture(loaded.model, gate.layer) as residual:
+            loaded.model(torch.tensor([prompt]))
+            logits = gate.logits(residual.take_all()[0])  # [seq]
+        risks.append(float(torch.sigmoid(logits.max() if gate.pooled else logits[-1])))
+    return risks
+
+
+@pytest.mark.parametrize("feature", ["residual_last_prompt_token", "residual_max_prompt_token"])
 def test_prompt_risk_is_the_same_while_generating_scoring_and_offline(
-    loaded: LoadedModel, tmp_path: Path
+    loaded: LoadedModel, tmp_path: Path, feature: str
 ) -> None:
-    guarded = guarded_with(loaded, tmp_path / "probe", knowledge_bias=0.0, flag=1.0, abstain=1.0)
+    guarded = guarded_with(
+        loaded, tmp_path / "probe", knowledge_bias=0.0, knowledge_feature=feature, flag=1.0,
+        abstain=1.0,
+    )  # fmt: skip
     gate = guarded.knowledge_gate
-    assert gate is not None
+    assert gate is not None and gate.pooled == (feature == "residual_max_prompt_token")
     prompt, other = guarded.encode_chat(QUESTION), guarded.encode_chat(OTHER)
     assert len(prompt) != len(other)  # the batch pads one of them
     params = SamplingParams(max_tokens=4, temperature=0.0)
@@ -101,8 +120,12 @@ def test_prompt_risk_is_the_same_while_generating_scoring_and_offline(
     batch = [sink.result for sink in sinks]
     assert batch[0] is not None and batch[1] is not None
     scored = guarded.score_ids(prompt, alone.token_ids)
-    offline = residual_states(loaded, [other, prompt], gate.layer)
-    expected_other, expected = gate.risks(torch.as_tensor(offline))
+    expected_other, expected = _offline_risks(loaded, gate, [other, prompt])
+    if not gate.pooled:  # the fitting code's reader, too
+        offline = residual_states(loaded, [other, prompt], gate.layer)
+        assert gate.risks(torch.as_tensor(offline)) == pytest.approx([expected_other, expected])
+    if gate.pooled:  # the max sits in the question, not the template both end with
+        assert expected != pytest.approx(expected_other, abs=1e-3)
     assert alone.prompt_risk is not None and 0.0 < alone.prompt_risk < 1.0
     for risk in (batch[1].prompt_risk, scored.prompt_risk):
         assert risk == pytest.approx(alone.prompt_risk, abs=1e-4)
