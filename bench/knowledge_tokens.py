@@ -16,6 +16,9 @@ score is the max over all its tokens, so no entity has to be found at serving ti
     python bench/knowledge_tokens.py --stage heldout --set bench/data/madeup_heldout5.jsonl
     python bench/knowledge_tokens.py --stage attach --probe guard/default_probe
                                      # ship the frozen gate (report-only by default)
+    python bench/knowledge_tokens.py --stage score --work DIR
+                                     # the shipped gate's prompt risk of every collected
+                                     # answer set (for bench/longform_served.py)
 
 Fit: the generator's seed-0 entities (short and long prompts) and real prompts (TriviaQA
 train questions as users type them, requests about TriviaQA train gold-answer names in
@@ -411,9 +414,36 @@ def attach_stage(frozen: Path, heldout: Path, directory: Path) -> str:
     return attach(directory, recipe, weights, None, None)
 
 
+def score_stage(loaded: Any, work: Path) -> None:
+    """``<set>.prompt_risk.json`` (``{id: prompt_risk}``) beside every ``<set>.answers.jsonl``
+    of ``work``: the shipped probe's gate as the server computes it (`GuardedModel`'s
+    gate and capture, one unpadded prompt at a time)."""
+    import torch
+
+    from guard.knowledge import KnowledgeGate
+    from guard.probe import load_probe
+    from probes.collect import read_answers
+
+    gate = KnowledgeGate.from_probe(load_probe("default"), int(loaded.model.config.hidden_size))
+    if gate is None:
+        raise SystemExit("the shipped probe has no knowledge gate")
+    for path in sorted(work.glob("*.answers.jsonl")):
+        risks = {}
+        with torch.inference_mode(), gate.capture(loaded.model) as residual:
+            for record in read_answers(path).values():
+                loaded.model(torch.tensor([list(record.prompt_ids)]), logits_to_keep=1)
+                risks[record.id] = gate.prompt_risks(residual.take_all())[0]
+        out = path.with_name(path.name.replace(".answers.jsonl", ".prompt_risk.json"))
+        out.write_text(json.dumps(risks) + "\n", encoding="utf-8")
+        log.info("%s: %d prompt risks", out.name, len(risks))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=("states", "fit", "heldout", "attach"), required=True)
+    parser.add_argument(
+        "--stage", choices=("states", "fit", "heldout", "attach", "score"), required=True
+    )
+    parser.add_argument("--work", type=Path, help="collected answer sets (--stage score)")
     parser.add_argument("--probe", type=Path, help="the probe directory (--stage attach)")
     parser.add_argument("--cache", type=Path, default=ROOT / "work-knowledge-tokens")
     parser.add_argument(
@@ -445,6 +475,11 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model()
     if args.stage == "states":
         compute_states(loaded, fit_and_val_items(), args.cache)
+        return 0
+    if args.stage == "score":
+        if args.work is None:
+            raise SystemExit("--stage score needs --work")
+        score_stage(loaded, args.work)
         return 0
     if args.set is None:
         raise SystemExit("--stage heldout needs --set")

@@ -1,13 +1,14 @@
 """The served verdict on long answers and made-up entities (issue 11), as `make serve` gives it.
 
     python bench/longform.py --stage collect [--heldout --heldout-file FILE --work DIR]
-    python bench/knowledge_gate.py --work work-longform --also DIR ...   # prompt risks
+    python bench/knowledge_tokens.py --stage score --work DIR   # prompt risks (shipped gate)
     python bench/longform_served.py --work work-longform --heldout heldout2=DIR ... --out FILE
 
 For every collected answer set: the shipped probe's scope gate on the prompt, its answer
 risk (mean pooling, `RiskScorer`) against the manifest's flag and abstain lines, and the
 knowledge gate's ``prompt_risk`` (``<set>.prompt_risk.json``, written by
-`bench/knowledge_gate.py` with the gate the probe ships) against its own lines. An answer
+`bench/knowledge_tokens.py --stage score` with the gate the probe ships) against its own
+lines. An answer
 counts as flagged when the policy's decision is flag or abstain (`guard.policy.Policy`:
 judged prompts only, the stricter of the two); ``abstained_before_generation`` counts the
 prompts the server does not answer at all. Sets: TriviaQA validation/test (short and long
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SETS = [
     "tqa_short_val", "tqa_long_val", "madeup_val_short", "madeup_val_long", "known_long",
     "tqa_short_test", "tqa_long_test", "nq_short", "scope_short", "scope_long",
-    "heldout_short", "heldout_long", "heldout_real_long",
+    "heldout_short", "heldout_long", "heldout_real_short", "heldout_real_long",
 ]  # fmt: skip
 HELDOUT = ["heldout_short", "heldout_long", "heldout_real_long", "heldout_real_short"]
 
@@ -49,7 +50,9 @@ def served(s: AnswerSet, work: Path, policy: Policy, gate: ScopeGate | None) -> 
     """The policy's decisions on one set's answers and what made them."""
     path = work / f"{s.name}.prompt_risk.json"
     if not path.exists():
-        raise SystemExit(f"{path} is missing: run bench/knowledge_gate.py over {work}")
+        raise SystemExit(
+            f"{path} is missing: run bench/knowledge_tokens.py --stage score --work {work}"
+        )
     risks = json.loads(path.read_text(encoding="utf-8"))
     prompt = np.array([risks[r.id] for r in s.records], dtype=np.float64)
     hidden = torch.as_tensor(s.hidden, dtype=torch.float32)
