@@ -153,42 +153,36 @@ def token_labels(tokenizer: Any, item: Item) -> tuple[list[int], np.ndarray]:
 
 
 def token_states(
-    loaded: Any, prompts: list[list[int]], layers: tuple[int, ...]
+    loaded: Any, prompts: list[list[int]], layers: tuple[int, ...], batch_size: int = 32
 ) -> dict[int, list[np.ndarray]]:
-    """Residual stream after each of ``layers`` at every prompt token: per layer, one
-    ``[len(prompt), hidden]`` float32 array per prompt."""
+    """Residual stream after each of ``layers`` at every token of each id list (the
+    server's `ResidualCapture`, the pass stopped after the last of them): per layer, one
+    ``[len(ids), hidden]`` float32 array per list."""
+    import contextlib
+
     import torch
+    from tqdm import tqdm
 
     from guard.forcing import position_ids_for
-    from guard.hooks import Hook, ModelHooks
-    from guard.knowledge import decoder_block
+    from guard.knowledge import ResidualCapture, decoder_block
     from guard.kvbatch import run_until
     from guard.model import left_pad, pad_token_id
 
     model = loaded.model
     pad_id = pad_token_id(loaded.tokenizer)
-    kept: dict[int, torch.Tensor] = {}
-
-    def keep(layer: int):  # type: ignore[no-untyped-def]
-        def hook(module: Any, args: Any, output: Any) -> None:
-            kept[layer] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
     out: dict[int, list[np.ndarray]] = {layer: [None] * len(prompts) for layer in layers}  # type: ignore[list-item]
     order = np.argsort([len(p) for p in prompts], kind="stable")
-    hooks = [Hook(decoder_block(model, layer), keep(layer)) for layer in layers]
-    from tqdm import tqdm
-
-    with torch.inference_mode(), ModelHooks(model, "token states", hooks):
-        for start in tqdm(range(0, len(order), 32), desc="token states", unit="batch"):
-            rows = order[start : start + 32]
+    last = decoder_block(model, max(layers))
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        captures = {layer: stack.enter_context(ResidualCapture(model, layer)) for layer in layers}
+        for start in tqdm(range(0, len(order), batch_size), desc="token states", unit="batch"):
+            rows = order[start : start + batch_size]
             ids, mask = left_pad([prompts[i] for i in rows], pad_id)
             inputs = {"input_ids": ids, "attention_mask": mask,
                       "position_ids": position_ids_for(mask), "use_cache": False}  # fmt: skip
-            run_until(model, inputs, decoder_block(model, max(layers)))
-            for layer in layers:
-                hidden = kept[layer].float().numpy()
+            run_until(model, inputs, last)
+            for layer, capture in captures.items():
+                hidden = capture.take_all().numpy()
                 for j, i in enumerate(rows):
                     out[layer][i] = hidden[j, hidden.shape[1] - len(prompts[i]) :].copy()
     return out

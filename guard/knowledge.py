@@ -54,7 +54,7 @@ class ResidualCapture(PositionCapture):
 
     def __init__(self, model: nn.Module, layer: int, *, block: nn.Module | None = None) -> None:
         block = decoder_block(model, layer) if block is None else block
-        super().__init__(model, "residual stream", [Hook(block, self._record)])
+        super().__init__(model, f"layer {layer} residual stream", [Hook(block, self._record)])
 
     def _record(self, module: nn.Module, args: tuple[torch.Tensor, ...], output: object) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
