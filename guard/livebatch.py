@@ -274,7 +274,8 @@ class LiveBatch:
             return prompts.feed(self.model, columns)
         start = prompts.fed
         with contextlib.ExitStack() as stack:
-            hidden = stack.enter_context(FinalHiddenCapture(self.model)) if scope else None
+            judging = scope is not None and complete
+            hidden = stack.enter_context(FinalHiddenCapture(self.model)) if judging else None
             residual = stack.enter_context(knowledge.capture(self.model)) if knowledge else None
             logits = prompts.feed(self.model, columns)
         if knowledge is not None and residual is not None:
@@ -284,7 +285,7 @@ class LiveBatch:
                 risks = risks_of(prompts.gate_max()) if pooled else knowledge.risks(residual.take())
                 for row, risk in zip(group.rows, risks, strict=True):
                     row.prompt_risk = risk
-        if complete and scope is not None and hidden is not None:
+        if scope is not None and hidden is not None:
             for row, verdict in zip(group.rows, scope.judge(hidden.take()), strict=True):
                 row.scope = verdict
         return logits

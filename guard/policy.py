@@ -52,6 +52,10 @@ class ThresholdOverrides(Protocol):
     @property
     def abort_min_tokens(self) -> int | None: ...
     @property
+    def prompt_flag_threshold(self) -> float | None: ...
+    @property
+    def prompt_abstain_threshold(self) -> float | None: ...
+    @property
     def knowledge_gate(self) -> bool: ...
     @property
     def abstain_before_generation(self) -> bool: ...
@@ -117,8 +121,8 @@ class Policy:
         overrides: ThresholdOverrides | None = None,
         knowledge: KnowledgeRecipe | None = None,
     ) -> Policy:
-        """The manifest's thresholds (and its knowledge gate's), each replaced by a
-        setting when that is set."""
+        """The manifest's thresholds (and its knowledge gate's, when ``knowledge`` is
+        given), each replaced by a setting when that is set."""
         prompt_flag = knowledge.flag if knowledge is not None else None
         prompt_abstain = knowledge.abstain if knowledge is not None else None
         if overrides is None:
@@ -131,8 +135,10 @@ class Policy:
             abstain=_first(overrides.abstain_threshold, thresholds.abstain),
             abort=_first(overrides.abort_threshold, thresholds.abort),
             abort_min_tokens=_first(overrides.abort_min_tokens, thresholds.abort_min_tokens),
-            prompt_flag=prompt_flag,
-            prompt_abstain=prompt_abstain,
+            prompt_flag=_first(overrides.prompt_flag_threshold, prompt_flag) if knowledge else None,
+            prompt_abstain=(
+                _first(overrides.prompt_abstain_threshold, prompt_abstain) if knowledge else None
+            ),
             abstain_before_generation=overrides.abstain_before_generation,
             abort_on_sentences=overrides.abort_on_sentences,
         )

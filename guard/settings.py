@@ -57,6 +57,16 @@ class GuardSettings(BaseSettings):
         description="act on the knowledge gate's prompt_risk (flag/abstain at its thresholds); "
         "false: report it only (see README, 'Long answers and made-up entities')",
     )
+    prompt_flag_threshold: Probability | None = Field(
+        default=None,
+        description="with the knowledge gate acting: flag at this prompt_risk instead of the "
+        "gate's own line",
+    )
+    prompt_abstain_threshold: Probability | None = Field(
+        default=None,
+        description="with the knowledge gate acting: abstain at this prompt_risk instead of "
+        "the gate's own line",
+    )
     abstain_before_generation: bool = Field(
         default=True,
         description="with the knowledge gate acting: abstain without generating when the "
@@ -105,12 +115,16 @@ class GuardSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _ordered_thresholds(self) -> GuardSettings:
-        flag, abstain = self.flag_threshold, self.abstain_threshold
-        if flag is not None and abstain is not None and abstain < flag:
-            raise ValueError(
-                f"GUARD_ABSTAIN_THRESHOLD ({abstain}) is below GUARD_FLAG_THRESHOLD ({flag}): "
-                "abstaining must need at least the risk that flags"
-            )
+        for prefix, flag, abstain in (
+            ("", self.flag_threshold, self.abstain_threshold),
+            ("PROMPT_", self.prompt_flag_threshold, self.prompt_abstain_threshold),
+        ):
+            if flag is not None and abstain is not None and abstain < flag:
+                raise ValueError(
+                    f"GUARD_{prefix}ABSTAIN_THRESHOLD ({abstain}) is below "
+                    f"GUARD_{prefix}FLAG_THRESHOLD ({flag}): abstaining must need at least "
+                    "the risk that flags"
+                )
         return self
 
 

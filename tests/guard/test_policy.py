@@ -6,7 +6,7 @@ import pytest
 
 from guard.errors import GuardError
 from guard.policy import Decision, Policy
-from guard.probe import Thresholds
+from guard.probe import KnowledgeRecipe, Thresholds
 from guard.results import ScopeVerdict
 from guard.settings import GuardSettings
 
@@ -29,6 +29,25 @@ def test_settings_override_manifest_thresholds() -> None:
     assert (policy.flag, policy.abstain, policy.abort, policy.abort_min_tokens) == (
         0.3, 0.9, 0.7, 4,
     )  # fmt: skip
+
+
+def test_settings_override_the_knowledge_gate_lines_only_when_it_acts() -> None:
+    """GUARD_PROMPT_FLAG/ABSTAIN_THRESHOLD replace the gate's lines; without a gate in force
+    (``knowledge`` None: report-only) there are no prompt lines to replace."""
+    thresholds = Thresholds(flag=0.6, abstain=0.9)
+    gate = KnowledgeRecipe(layer=3, hidden_size=8, flag=0.9, abstain=0.97)
+    settings = GuardSettings(prompt_flag_threshold=0.85)
+    policy = Policy.from_probe(thresholds, settings, gate)
+    assert (policy.prompt_flag, policy.prompt_abstain) == (0.85, 0.97)
+    assert policy.decide(0.1, prompt_risk=0.86) is Decision.FLAG
+    assert Policy.from_probe(thresholds, GuardSettings(), gate).decide(0.1, prompt_risk=0.86) is (
+        Decision.PASS
+    )
+    reported = Policy.from_probe(thresholds, settings)
+    assert (reported.prompt_flag, reported.prompt_abstain) == (None, None)
+    assert reported.decide(0.1, prompt_risk=0.99) is Decision.PASS
+    with pytest.raises(GuardError, match="prompt abstain threshold 0.97 is below"):
+        Policy.from_probe(thresholds, GuardSettings(prompt_flag_threshold=0.99), gate)
 
 
 def test_abort_needs_threshold_and_min_tokens() -> None:

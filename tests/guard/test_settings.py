@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -36,13 +37,11 @@ def test_defaults_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_every_documented_variable_exists() -> None:
-    documented = {
-        "model", "served_model_name", "probe", "probe_sha256", "flag_threshold",
-        "abstain_threshold", "abort_threshold", "abort_min_tokens", "abstain_message",
-        "api_keys", "max_prompt_tokens", "max_new_tokens", "max_batch", "queue_size",
-        "batch_wait_ms", "request_timeout_s", "shutdown_grace_s", "audit_log", "allow_unguarded",
-    }  # fmt: skip
-    assert documented <= set(GuardSettings.model_fields)
+    """Each variable in the README's settings table is a setting, and each setting is there."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Settings (`GUARD_*` environment variables)", 1)[1].split("\n## ", 1)[0]
+    documented = {name.lower() for name in re.findall(r"`GUARD_([A-Z0-9_]+)`", table)}
+    assert documented == set(GuardSettings.model_fields)
 
 
 def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,6 +49,8 @@ def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         GuardSettings(flag_threshold=1.5)
     with pytest.raises(ValidationError, match="GUARD_ABSTAIN_THRESHOLD"):
         GuardSettings(flag_threshold=0.8, abstain_threshold=0.5)
+    with pytest.raises(ValidationError, match="GUARD_PROMPT_ABSTAIN_THRESHOLD"):
+        GuardSettings(prompt_flag_threshold=0.8, prompt_abstain_threshold=0.5)
     monkeypatch.setenv("GUARD_MAX_BATCH", "0")
     with pytest.raises(ValidationError):
         GuardSettings()
