@@ -80,26 +80,6 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def response_tokens(
-    tokenizer: PreTrainedTokenizerBase,
-    generated: Sequence[int],
-    end_ids: frozenset[int] | set[int],
-    stops: Sequence[str] = (),
-) -> tuple[list[int], bool]:
-    """The response tokens of ``generated`` as the decode loop keeps them, and whether the
-    answer stopped (not cut by a length limit): up to and excluding the first end token,
-    or through the token that completes a stop string (fed and scored, its text cut)."""
-    tracker = TextTracker(tokenizer, stops) if stops else None
-    for k, token in enumerate(generated):
-        if token in end_ids:
-            return list(generated[:k]), True
-        if tracker is not None:
-            tracker.push(token)
-            if tracker.stopped:
-                return list(generated[: k + 1]), True
-    return list(generated), False
-
-
 class TextTracker:
     """Incremental detokenisation with stop strings: what is safe to send, and when to stop."""
 

@@ -229,7 +229,7 @@ def _all_done(sinks: list[CollectingSink]) -> bool:
 
 def _answer(sink: CollectingSink) -> tuple[list[int], bool]:
     """``(response ids, whether the answer stopped)``: an end token or a stop string, not
-    the length limit (`guard.sampling.response_tokens` on the same rules)."""
+    the length limit (the decode loop's own result)."""
     result = sink.result
     if result is None:
         raise RuntimeError("a collected answer ended without a result")

@@ -12,7 +12,6 @@ from guard.generation import GuardedModel
 from guard.model import encode_chats, end_token_ids
 from guard.probe import load_probe
 from guard.prompts import FEW_SHOT_RECIPE, PromptRecipe, Shot, default_recipe
-from guard.sampling import response_tokens
 from probes.collect import collect_answers
 from probes.datasets import QAItem
 from tests.fixtures.models import byte_tokenizer, tiny_loaded
@@ -58,17 +57,6 @@ def test_completion_transcript() -> None:
     tokenizer = byte_tokenizer()
     prompts, _, _ = encode_chats(tokenizer, [chat], RECIPE)
     assert prompts[0] == tokenizer(RECIPE.completion_text(chat))["input_ids"]
-
-
-def test_response_tokens_keep_what_the_decode_loop_keeps() -> None:
-    tokenizer = byte_tokenizer()
-    ids = tokenizer("Paris\nQ: Who", add_special_tokens=False)["input_ids"]
-    kept, stopped = response_tokens(tokenizer, ids, set(), ("\nQ:",))
-    assert stopped and tokenizer.decode(kept) == "Paris\nQ:"  # through the completing token
-    end = tokenizer.eos_token_id
-    kept, stopped = response_tokens(tokenizer, [*ids[:2], end, *ids[2:]], {end}, ("\nQ:",))
-    assert stopped and kept == ids[:2]  # an end token is never a response token
-    assert response_tokens(tokenizer, ids, set(), ()) == (ids, False)
 
 
 def test_collection_and_serving_stop_alike(tmp_path: Path) -> None:
