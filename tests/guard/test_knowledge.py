@@ -219,3 +219,28 @@ def test_the_wordings_differ_only_around_the_prompt() -> None:
     assert asked["short_instruction"] != asked["long_instruction"]
     with pytest.raises(ValueError, match="unknown rendering"):
         render(prompt, "shouted")
+
+
+def test_the_shipped_gate_on_the_readmes_example(smollm2: LoadedModel) -> None:
+    """The README's example, on the real model and the shipped probe with the gate acting:
+    a treaty that does not exist is abstained on before a token is generated, a famous one
+    is answered with a prompt risk far below the flag line."""
+    probe = load_probe("default")
+    guarded = GuardedModel(smollm2, probe, policy=_policy(probe, before=True))
+    policy = guarded.policy
+    assert policy.prompt_flag is not None and policy.prompt_abstain is not None
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    made_up = guarded.generate(
+        guarded.encode_chat([{"role": "user", "content": "Tell me about the Treaty of Vellmark."}]),
+        params,
+    )
+    assert made_up.prompt_risk is not None and made_up.prompt_risk >= policy.prompt_abstain
+    assert made_up.before_generation and made_up.completion_tokens == 0
+    real = guarded.generate(
+        guarded.encode_chat(
+            [{"role": "user", "content": "Tell me about the Treaty of Versailles."}]
+        ),
+        params,
+    )
+    assert real.prompt_risk is not None and real.prompt_risk < 0.1 < policy.prompt_flag
+    assert not real.before_generation and real.completion_tokens == 4
