@@ -22,6 +22,8 @@ here they are fit and choice data:
         --out bench/results/knowledge_v4_set6.json     # set 6's states (and v4 on it)
     python bench/knowledge_entities.py --stage fit
     python bench/knowledge_entities.py --stage heldout --set bench/data/madeup_heldout7.jsonl
+    python bench/knowledge_entities.py --stage attach --probe guard/default_probe
+                                       # ship it (by the frozen rule; report-only by default)
 """
 
 from __future__ import annotations
@@ -232,9 +234,60 @@ def heldout_stage(cache: Path, frozen: Path, path: Path, out: Path) -> dict[str,
     return report
 
 
+def attach_stage(cache: Path, frozen: Path, heldout: Path, directory: Path) -> str:
+    """Rewrite the probe at ``directory`` with the frozen v6 gate (every other file byte for
+    byte); returns the manifest sha256 to pin. Its abstain line follows v4's rule (at most 5%
+    of the same real prompts in every rendering), computed here on the choice data only."""
+    from knowledge_gate import attach  # bench/ is on sys.path
+    from knowledge_tokens import ABSTAIN_SHARE
+
+    from guard.probe import GateWeights, KnowledgeRecipe
+    from probes.knowledge import RENDERINGS, line_for
+
+    design = json.loads(frozen.read_text(encoding="utf-8"))
+    read = json.loads(heldout.read_text(encoding="utf-8"))
+    with np.load(frozen.with_suffix(".npz")) as data:
+        weights = GateWeights(data["weights"].astype(np.float64), float(data["bias"]))
+        layer = int(data["layer"])
+    groups = {n: load_group(cache, n) for n in (*_kinds(CHOICE_SET), *VAL_REAL)}
+    scores = _scores(groups, layer, weights.weights, weights.bias)
+    flag = design["chosen"]["line_logit"]
+    checks = [
+        (scores[n][g["styles"] == style], ABSTAIN_SHARE)
+        for n, g in groups.items()
+        if g["made_up"][0] == 0
+        for style in RENDERINGS
+    ]
+    abstain = max(flag, line_for(checks))
+    chosen = {k: design["chosen"][k] for k in ("with_v4_rows", "layer", "C", "auroc")}
+    recipe = KnowledgeRecipe(
+        feature="residual_max_prompt_token",
+        layer=layer,
+        hidden_size=int(weights.weights.shape[0]),
+        flag=float(1 / (1 + np.exp(-flag))),
+        abstain=float(1 / (1 + np.exp(-abstain))),
+        training={
+            "feature": f"residual stream after decoder layer {layer} at every prompt token; "
+            "prompt_risk = sigmoid(max over the prompt's tokens of the token logit)",
+            "labels": "1 = the last token of a word the generator coined for a made-up entity "
+            "(seed 0) and the last token of each made-up entity name of held-out set 5 (all "
+            "four renderings); 0 = every other token of every fit prompt",
+            "chosen": chosen,
+            "chosen_on": "held-out set 6, every rendering (already read)",
+            "flag_rule": design["line_rule"],
+            "abstain_rule": f"abstain on at most {ABSTAIN_SHARE:.0%} of the same real prompts "
+            "in every rendering",
+            "frozen": "bench/results/knowledge_v6_frozen.json",
+        },
+        evaluation={"set6_choice": design["chosen"]["set6"], "heldout_set7": read["v6"]},
+    )
+    return attach(directory, recipe, weights, None, None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=("fit", "heldout"), required=True)
+    parser.add_argument("--stage", choices=("fit", "heldout", "attach"), required=True)
+    parser.add_argument("--probe", type=Path, help="the probe directory (--stage attach)")
     parser.add_argument("--cache", type=Path, default=ROOT / "work-knowledge-tokens")
     parser.add_argument("--frozen", type=Path, default=RESULTS / "knowledge_v6_frozen.json")
     parser.add_argument("--set", type=Path, help="the held-out set (--stage heldout)")
@@ -246,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "fit":
         report = fit_stage(args.cache, args.frozen)
         print(json.dumps({k: report[k] for k in ("chosen", "v4_on_set6")}, indent=2))
+        return 0
+    if args.stage == "attach":
+        if args.probe is None:
+            raise SystemExit("--stage attach needs --probe")
+        sha = attach_stage(args.cache, args.frozen, args.out, args.probe)
+        print(f"manifest sha256 {sha}: pin it in guard/shipped.py")
         return 0
     if args.set is None:
         raise SystemExit("--stage heldout needs --set")

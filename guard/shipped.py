@@ -42,7 +42,7 @@ class ShippedProbe:
 _SMOLLM2 = ShippedProbe(
     name="smollm2-135m-triviaqa",
     directory=PACKAGE_DIR / "default_probe",
-    sha256="235850fb9a2cc6aaaaedd658f9f977c52d1b602332b5469cc2bfe06eb5be725e",
+    sha256="e4761f8dc8d6f7737d839b9b1c8e4e375f615a04ec8c5616e9d6e283fb9bdc27",
 )
 _GEMMA3 = ShippedProbe(
     name="gemma3-270m-triviaqa",
