@@ -20,6 +20,8 @@ two lines are chosen.
   each; among those, the design and lines that flag the most of set 5's made-up answers
   (short and long shares averaged). Frozen (`knowledge_v5_frozen.json`) before the test
   sets' gate tokens are computed.
+- Measured with the v4 gate shipped at the time (commit a15ce63); the probe now ships v6,
+  so a rerun reads v6's prompt and answer tokens, not the figures recorded here.
 - Test, read once: held-out set 6 (`bench/data/madeup_heldout6.jsonl`, written by a helper
   that saw none of the project) and the TriviaQA test answers.
 
