@@ -20,8 +20,9 @@ two lines are chosen.
   each; among those, the design and lines that flag the most of set 5's made-up answers
   (short and long shares averaged). Frozen (`knowledge_v5_frozen.json`) before the test
   sets' gate tokens are computed.
-- Measured with the v4 gate shipped at the time (commit a15ce63); the probe now ships v6,
-  so a rerun reads v6's prompt and answer tokens, not the figures recorded here.
+- Measured with the v4 gate shipped at the time (commit a15ce63); the probe now ships v7,
+  so a rerun reads v7's prompt and answer tokens, not the figures recorded here (its
+  profile for v7: `bench/knowledge_profile.py`).
 - Test, read once: held-out set 6 (`bench/data/madeup_heldout6.jsonl`, written by a helper
   that saw none of the project) and the TriviaQA test answers.
 
@@ -113,8 +114,21 @@ def knowledge_logits(work: Path, name: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def answers(names: dict[str, Path]) -> dict[str, dict[str, np.ndarray]]:
-    """Each set's arrays: the answer risk, the three knowledge logits, in scope, correct."""
+def served_prompt_logits(work: Path, name: str) -> dict[str, dict[str, float]]:
+    """Per answer id: the prompt risk as the server computes it (``<set>.prompt_risk.json``,
+    `bench/knowledge_tokens.py --stage score`), as a logit: the ``prompt`` signal alone."""
+    path = work / f"{name}.prompt_risk.json"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run bench/knowledge_tokens.py --stage score")
+    risks = json.loads(path.read_text(encoding="utf-8"))
+    return {i: {"prompt": float(np.log(r / (1 - r)))} for i, r in risks.items()}
+
+
+def answers(
+    names: dict[str, Path], signals: tuple[str, ...] = SIGNALS
+) -> dict[str, dict[str, np.ndarray]]:
+    """Each set's arrays: the answer risk, the knowledge logits of ``signals``, in scope,
+    correct (``signals == ("prompt",)``: read from the served prompt risks, no gate tokens)."""
     import torch
 
     from guard.probe import load_probe
@@ -131,15 +145,18 @@ def answers(names: dict[str, Path]) -> dict[str, dict[str, np.ndarray]]:
         s = load_set(work, name, scorer, tokenizer)
         if s is None:
             raise SystemExit(f"{work}/{name}: no answers or traces collected")
-        k = knowledge_logits(work, name)
-        prompt = np.array([k[r.id]["prompt"] for r in s.records])
-        answer = np.array([k[r.id]["answer"] for r in s.records])
+        if signals == ("prompt",):
+            served = served_prompt_logits(work, name)
+            logits = {"prompt": np.array([served[r.id]["prompt"] for r in s.records])}
+        else:
+            k = knowledge_logits(work, name)
+            prompt = np.array([k[r.id]["prompt"] for r in s.records])
+            answer = np.array([k[r.id]["answer"] for r in s.records])
+            logits = {"prompt": prompt, "answer": answer, "both": np.maximum(prompt, answer)}
         verdicts = scope.judge(torch.as_tensor(s.hidden, dtype=torch.float32))
         out[name] = {
             "risk": s.f["risk_mean"],
-            "prompt": prompt,
-            "answer": answer,
-            "both": np.maximum(prompt, answer),
+            **logits,
             "in_scope": np.array([v.in_scope for v in verdicts]),
             "correct": s.correct,
         }
@@ -162,14 +179,27 @@ def shares(
     signal: str,
     lines: tuple[float | None, float | None],
 ) -> dict[str, float]:
-    """Flagged share per group: made-up / real answers of the made-up set, correct TriviaQA."""
+    """Flagged share per group: made-up / real answers of the made-up set, correct (or wrong)
+    TriviaQA answers."""
     out = {}
     for key, name in form.items():
         hit = flagged(sets[name], signal, *lines)
         if key.startswith("correct"):
             hit = hit[sets[name]["correct"]]
+        elif key.startswith("wrong"):
+            hit = hit[~sets[name]["correct"]]
         out[key] = float(hit.mean())
     return out
+
+
+def sizes(sets: dict[str, dict[str, np.ndarray]], form: dict[str, str]) -> dict[str, Any]:
+    """The answers behind each group's share: its set's size, and its correct answers."""
+    return {
+        "counts": {k: int(len(sets[n]["risk"])) for k, n in form.items()},
+        "correct": {
+            k: int(sets[n]["correct"].sum()) for k, n in form.items() if k.startswith("correct")
+        },
+    }
 
 
 def groups(split: str) -> dict[str, str]:
@@ -194,17 +224,21 @@ def _line(value: float) -> float | None:
     return None if np.isinf(value) else float(value)
 
 
-def fit_stage(heldout: Path, tqa: Path, frozen: Path) -> dict[str, Any]:
-    form = groups("val")
-    sets = answers({name: heldout if name.startswith("heldout") else tqa for name in form.values()})
+def search_lines(
+    sets: dict[str, dict[str, np.ndarray]], form: dict[str, str], signals: tuple[str, ...]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The rule's search: for every knowledge line of every signal, the lowest answer line
+    that flags at most `FALSE_ALARM` of every group of ``form`` but the made-up ones; the
+    best row (the most made-up answers, short and long shares averaged) overall and per
+    signal."""
     real = [k for k in form if not k.startswith("made_up")]
 
     def grid(values: np.ndarray) -> np.ndarray:  # inf: that signal off
         return np.r_[np.unique(np.quantile(values, np.linspace(0.3, 1.0, 141))), np.inf]
 
     risk_grid = grid(np.concatenate([s["risk"] for s in sets.values()]))
-    search, best = [], None
-    for signal in SIGNALS:
+    search: list[dict[str, Any]] = []
+    for signal in signals:
         for logit_line in grid(np.concatenate([s[signal] for s in sets.values()])):
             for risk_line in risk_grid:  # the lowest answer line the rule allows
                 got = shares(sets, form, signal, (risk_line, logit_line))
@@ -213,14 +247,18 @@ def fit_stage(heldout: Path, tqa: Path, frozen: Path) -> dict[str, Any]:
                     row = {"signal": signal, "risk_line": _line(risk_line),
                            "logit_line": _line(logit_line), "made_up": score, **got}  # fmt: skip
                     search.append(row)
-                    if best is None or score > best["made_up"]:
-                        best = row
                     break
-    assert best is not None
     per_signal = {
         signal: max((r for r in search if r["signal"] == signal), key=lambda r: r["made_up"])
-        for signal in SIGNALS
+        for signal in signals
     }
+    return max(per_signal.values(), key=lambda r: r["made_up"]), per_signal
+
+
+def fit_stage(heldout: Path, tqa: Path, frozen: Path) -> dict[str, Any]:
+    form = groups("val")
+    sets = answers({name: heldout if name.startswith("heldout") else tqa for name in form.values()})
+    best, per_signal = search_lines(sets, form, SIGNALS)
     report = {
         "what": "issue 11 experiment v5: the v4 gate's max logit over the prompt, the answer "
         "or both, ORed with the answer risk; design and lines chosen on dev sets already "
@@ -262,10 +300,7 @@ def test_stage(heldout: Path, tqa: Path, frozen: Path, out: Path) -> dict[str, A
         "answer_risk_alone_at_shipped_line": shares(
             sets, form, "prompt", (served_lines()[0], None)
         ),
-        "counts": {k: int(len(sets[n]["risk"])) for k, n in form.items()},
-        "correct": {
-            k: int(sets[n]["correct"].sum()) for k, n in form.items() if k.startswith("correct")
-        },
+        **sizes(sets, form),
         "ship_rule": design["ship_rule"],
     }
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

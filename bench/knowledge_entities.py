@@ -20,7 +20,7 @@ they are fit and choice data:
   design's held-out set is read once.
 
 Designs (`DESIGNS`): v6 (fit set 5, choice set 6, held out set 7; shipped 2026-12-03 over
-v4); v7 (fit sets 5 and 6, choice set 7, held out set 8; against v6).
+v4); v7 (fit sets 5 and 6, choice set 7, held out set 8; shipped 2026-12-03 over v6).
 
     python bench/knowledge_tokens.py --stage heldout --set bench/data/madeup_heldout6.jsonl \\
         --out bench/results/knowledge_v4_set6.json     # set 6's states (and v4 on it)
@@ -104,8 +104,8 @@ DESIGNS = {
 }
 
 
-def previous_gate(name: str) -> tuple[np.ndarray, float, int, float]:
-    """(weights, bias, layer, line logit) of a frozen earlier gate."""
+def frozen_gate(name: str) -> tuple[np.ndarray, float, int, float]:
+    """(weights, bias, layer, line logit) of a frozen gate (`knowledge_<name>_frozen.*`)."""
     with np.load(RESULTS / f"knowledge_{name}_frozen.npz") as data:
         w, b, layer = data["weights"], float(data["bias"]), int(data["layer"])
     design = json.loads((RESULTS / f"knowledge_{name}_frozen.json").read_text())
@@ -221,7 +221,7 @@ def fit_stage(design: Design, cache: Path, seed: int = 0) -> dict[str, Any]:
     choice = {n: load_group(cache, n) for n in _kinds(_set(design.choice))}
     val_real = {n: load_group(cache, n) for n in VAL_REAL}
     line_groups = {**choice, **val_real}
-    p_w, p_b, p_layer, p_line = previous_gate(design.previous)
+    p_w, p_b, p_layer, p_line = frozen_gate(design.previous)
     previous = evaluate(_scores(choice, p_layer, p_w, p_b), choice, p_line)
     search, best = [], None
     for option in design.fit_options:
@@ -273,8 +273,8 @@ def fit_stage(design: Design, cache: Path, seed: int = 0) -> dict[str, Any]:
 
 def heldout_stage(design: Design, cache: Path) -> dict[str, Any]:
     frozen = json.loads(design.frozen.read_text(encoding="utf-8"))
-    w, b, layer, line = previous_gate(design.name)
-    p_w, p_b, p_layer, p_line = previous_gate(design.previous)
+    w, b, layer, line = frozen_gate(design.name)
+    p_w, p_b, p_layer, p_line = frozen_gate(design.previous)
     path = _set(design.heldout)
     groups = {n: load_group(cache, n) for n in heldout_items(path)}
     report = {
@@ -302,7 +302,7 @@ def attach_stage(design: Design, cache: Path, directory: Path) -> str:
 
     frozen = json.loads(design.frozen.read_text(encoding="utf-8"))
     read = json.loads(design.read.read_text(encoding="utf-8"))
-    w, b, layer, flag = previous_gate(design.name)
+    w, b, layer, flag = frozen_gate(design.name)
     weights = GateWeights(w.astype(np.float64), b)
     groups = {n: load_group(cache, n) for n in (*_kinds(_set(design.choice)), *VAL_REAL)}
     scores = _scores(groups, layer, weights.weights, weights.bias)

@@ -16,7 +16,7 @@ score is the max over all its tokens, so no entity has to be found at serving ti
     python bench/knowledge_tokens.py --stage heldout --set bench/data/madeup_heldout5.jsonl
     python bench/knowledge_tokens.py --stage attach --probe guard/default_probe
                                      # ship the frozen gate (report-only by default; v4
-                                     # since replaced by v6, bench/knowledge_entities.py)
+                                     # since replaced by v6, then v7: knowledge_entities.py)
     python bench/knowledge_tokens.py --stage score --work DIR
                                      # the shipped gate's prompt risk of every collected
                                      # answer set (for bench/longform_served.py)

@@ -42,7 +42,7 @@ class ShippedProbe:
 _SMOLLM2 = ShippedProbe(
     name="smollm2-135m-triviaqa",
     directory=PACKAGE_DIR / "default_probe",
-    sha256="e4761f8dc8d6f7737d839b9b1c8e4e375f615a04ec8c5616e9d6e283fb9bdc27",
+    sha256="567229b6b4f156017a225d49bcabbb295819ac2fbefdd65593e5b333a748d1a0",
 )
 _GEMMA3 = ShippedProbe(
     name="gemma3-270m-triviaqa",

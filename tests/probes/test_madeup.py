@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -12,6 +13,15 @@ from probes.madeup import KINDS, Vocabulary, made_up_entities, qa_texts, render
 from tests.conftest import NQ_OPEN, TRIVIAQA
 
 QA_FILES = [Path(TRIVIAQA), Path(NQ_OPEN)]
+HELDOUT = sorted((Path(__file__).parents[2] / "bench/data").glob("madeup_heldout*.jsonl"))
+# Names two independent helpers both invented, found when set 9 was added (README):
+# (name, the earlier set, the later set).
+KNOWN_COLLISIONS = {
+    ("valdoreña", "madeup_heldout", "madeup_heldout5"),
+    ("a grammar of small rains", "madeup_heldout4", "madeup_heldout6"),
+    ("tessaline pharmaceuticals", "madeup_heldout2", "madeup_heldout6"),
+    ("velbrinite", "madeup_heldout5", "madeup_heldout8"),
+}
 LONG_CUES = re.compile(
     r"^(tell me|who (is|was)|write a short (biography|history)|describe|what is the history|"
     r"give me (an overview|a short summary)|summarise|what can you tell|what is .* known for|"
@@ -73,3 +83,27 @@ def test_bad_arguments(vocabulary: Vocabulary) -> None:
     with pytest.raises(ValueError, match="n >= 0"):
         made_up_entities(-1, seed=0, vocabulary=vocabulary)
     assert made_up_entities(0, seed=0, vocabulary=vocabulary) == []
+
+
+def test_held_out_sets_share_no_name_with_the_generator_or_each_other(
+    vocabulary: Vocabulary,
+) -> None:
+    """A held-out set is written without the generator: none of its made-up names is one the
+    generator gives for its fit or validation seeds, and a new set repeats no earlier set's
+    name (the collisions already there are recorded, so a new one fails)."""
+    assert len(HELDOUT) >= 9
+    generated = {
+        e.bare_name.lower() for seed in (0, 1) for e in made_up_entities(400, seed, vocabulary)
+    }
+    first_set: dict[str, str] = {}
+    collisions = set()
+    for path in HELDOUT:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        for row in rows:
+            if row["kind"] not in ("short", "long"):
+                continue
+            name = row["entity"].lower().removeprefix("the ")
+            assert name not in generated, (path.name, name)
+            if first_set.setdefault(name, path.stem) != path.stem:
+                collisions.add((name, first_set[name], path.stem))
+    assert collisions == KNOWN_COLLISIONS
